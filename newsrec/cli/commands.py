@@ -1,0 +1,1 @@
+"""Imports every command module so each attaches its commands to the ``main`` group."""

@@ -1,0 +1,309 @@
+"""Typed configuration: the one source of truth for every setting.
+
+YAML files only fill these dataclasses in; the CLI only adds ``-o section.key=value`` overrides.
+Unknown keys are rejected with the list of valid ones; values are type-checked and validated in
+``__post_init__`` so that a bad setting fails before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from newsrec.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """How raw MIND text becomes model input."""
+
+    title_len: int = 30  # words kept per title (ingest writes title_tokens with this width)
+    history_len: int = 50  # most recent clicks fed to the user encoder
+    lowercase: bool = True
+    min_word_count: int = 1  # words seen fewer times in train titles map to <unk>
+    max_vocab: int = 0  # 0 = no cap; else keep the most frequent words
+
+    def __post_init__(self) -> None:
+        _positive(self, "title_len", "history_len", "min_word_count")
+        _non_negative(self, "max_vocab")
+
+
+@dataclass
+class ModelConfig:
+    """The NRMS-style model: news encoder + user encoder, score = dot(user, news)."""
+
+    encoder: str = "fastformer"  # "fastformer" | "mhsa" (the NRMS baseline): same path, other layer
+    embedding_dim: int = 300  # word embeddings (GloVe is 300-d)
+    hidden_size: int = 256  # width of the Fastformer / MHSA layers and of news and user vectors
+    num_heads: int = 16
+    num_layers: int = 1  # layers in each encoder
+    user_num_layers: int = 0  # 0 = same as num_layers
+    share_layers: bool = False  # share parameters across layers (the paper's option)
+    value_from_query: bool = True  # official code: value = query (no separate value projection)
+    layer_norm: bool = False  # authors found news recommendation better without it
+    feed_forward: bool = False
+    position_embeddings: bool = False  # for the user encoder over the history
+    use_category: bool = True  # add category/subcategory embeddings to the news vector
+    pooling_hidden: int = 200  # additive-attention pooling hidden size
+    dropout: float = 0.2
+    freeze_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _choice(self, "encoder", ("fastformer", "mhsa"))
+        _positive(self, "embedding_dim", "hidden_size", "num_heads", "num_layers", "pooling_hidden")
+        _non_negative(self, "user_num_layers")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} must be divisible by "
+                f"model.num_heads={self.num_heads}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """First-stage training (NRMS objective) and its bookkeeping."""
+
+    epochs: int = 3
+    max_steps: int = 0  # 0 = no limit; else stop after this many optimizer steps
+    batch_size: int = 32  # impressions' clicks per step (global batch under torchrun)
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    npratio: int = 4  # non-clicks drawn per click, afresh each epoch
+    seed: int = 42
+    device: str = "cpu"  # "cpu" | "cuda" | "auto"
+    bf16: bool = False  # bf16 autocast for matrix products
+    num_workers: int = 1  # batch-building threads off the main thread (0 = inline)
+    log_every_steps: int = 50
+    checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch
+    early_stopping_patience: int = 2  # epochs without dev AUC gain before stopping
+    eval_batch_size: int = 1024
+    dev_max_impressions: int = 0  # 0 = whole dev split for per-epoch evaluation
+    bucket_size: int = 64  # pad the unique-news count of a batch up to a multiple of this
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "batch_size", "npratio", "log_every_steps", "eval_batch_size",
+                  "bucket_size")
+        _non_negative(self, "max_steps", "warmup_steps", "num_workers", "checkpoint_every_steps",
+                      "early_stopping_patience", "dev_max_impressions")
+        _choice(self, "device", ("cpu", "cuda", "auto"))
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0")
+
+
+@dataclass
+class RerankConfig:
+    """Second stage: candidate-aware Fastformer re-ranker with popularity/freshness/retrieval signals."""
+
+    hidden_size: int = 128
+    num_heads: int = 8
+    num_layers: int = 1
+    dropout: float = 0.1
+    popularity_prior: float = 20.0  # pseudo-impressions shrinking click-through toward the mean
+    hard_negatives: int = 4  # retrieved non-clicked news added per training sample
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _positive(self, "hidden_size", "num_heads", "num_layers", "epochs", "batch_size")
+        _non_negative(self, "hard_negatives", "popularity_prior")
+
+
+@dataclass
+class IndexConfig:
+    """FAISS index over news vectors."""
+
+    kind: str = "auto"  # "auto" | "flat" | "hnsw" | "ivfpq"
+    flat_max: int = 200_000  # auto: exact search up to this many news, HNSW above
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    hnsw_ef_construction: int = 80
+    ivf_nlist: int = 0  # 0 = 4*sqrt(n)
+    ivf_nprobe: int = 32
+    pq_m: int = 32
+
+    def __post_init__(self) -> None:
+        _choice(self, "kind", ("auto", "flat", "hnsw", "ivfpq"))
+        _positive(self, "flat_max", "hnsw_m", "hnsw_ef_search", "hnsw_ef_construction",
+                  "ivf_nprobe", "pq_m")
+
+
+@dataclass
+class ServeConfig:
+    """Online recommendation service."""
+
+    retrieve_k: int = 200
+    default_k: int = 10
+    max_k: int = 100
+    max_history: int = 2000
+    max_body_bytes: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        _positive(self, "retrieve_k", "default_k", "max_k", "max_history", "max_body_bytes")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow experiment tracking."""
+
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder
+    experiment: str = "newsrec"
+    register_name: str = ""  # "" = do not register the model
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}`` — the form logged as MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults <- YAML file (if any) <- ``section.key=value`` overrides, validated as a whole."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    return config_from_dict(raw, overrides=overrides, source=str(path) if path else "config")
+
+
+def config_from_dict(raw: dict[str, Any], overrides: Iterable[str] = (), source: str = "config") -> Config:
+    merged: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    for section, values in raw.items():
+        if section not in sections:
+            errors.append(f"{source}: unknown section '{section}' (valid: {', '.join(sections)})")
+            continue
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            errors.append(f"{source}: section '{section}' must be a mapping")
+            continue
+        merged.setdefault(section, {}).update(values)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            errors.append(f"override '{item}': expected section.key=value (e.g. train.epochs=2)")
+            continue
+        if section not in sections:
+            errors.append(f"override '{item}': unknown section '{section}' (valid: {', '.join(sections)})")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        merged.setdefault(section, {})[name] = value
+    built: dict[str, Any] = {}
+    for section, values in merged.items():
+        try:
+            built[section] = _build_section(_section_class(section), section, values)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return Config(**built)
+
+
+def config_from_yaml_text(text: str) -> Config:
+    return config_from_dict(yaml.safe_load(text) or {}, source="saved config")
+
+
+def _section_class(section: str) -> type:
+    hints = typing.get_type_hints(Config)
+    return hints[section]
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in hints]
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(f'{section}.{k}' for k in unknown)} (valid: {', '.join(valid)})"
+        )
+    typed = {k: _coerce(f"{section}.{k}", hints[k], v) for k, v in values.items()}
+    return cls(**typed)
+
+
+def _coerce(name: str, typ: Any, value: Any) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r}: expected true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}={value!r}: expected an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name}={value!r}: expected a number")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}={value!r}: expected a string")
+    return value
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) <= 0:
+            raise ConfigError(f"{_section_name(obj)}.{n}={getattr(obj, n)} must be > 0")
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) < 0:
+            raise ConfigError(f"{_section_name(obj)}.{n}={getattr(obj, n)} must be >= 0")
+
+
+def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(obj, name) not in choices:
+        raise ConfigError(
+            f"{_section_name(obj)}.{name}={getattr(obj, name)!r}: expected one of {', '.join(choices)}"
+        )
+
+
+def _section_name(obj: Any) -> str:
+    return type(obj).__name__.removesuffix("Config").lower()

@@ -1,0 +1,1 @@
+"""MIND reading and validation, tokenising, the synthetic generator, and the dataset artifact."""
