@@ -162,6 +162,26 @@ class TrackingConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """End-to-end pipeline (``newsrec pipeline run CONFIG``): where data comes from, what runs."""
+
+    name: str = "demo"  # outputs go to <root>/<name>/
+    root: str = "data/runs"
+    source: str = "synth"  # "synth" | "mind-small" | "mind-large" | "folder"
+    synth_size: str = "small"  # for source=synth: tiny | demo | small | medium | large
+    synth_seed: int = 0
+    raw_dir: str = ""  # source=folder: folder holding the train/dev/test zips or folders
+    baselines: bool = True  # also train the MHSA baseline and score popularity for comparison
+    rerank: bool = True  # train and evaluate the second stage
+    top_k: int = 100  # batch scoring: news per user
+    submit_split: str = "test"
+
+    def __post_init__(self) -> None:
+        _choice(self, "source", ("synth", "mind-small", "mind-large", "folder"))
+        _positive(self, "top_k")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -170,6 +190,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
