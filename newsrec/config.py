@@ -120,35 +120,49 @@ class RerankConfig:
 
 @dataclass
 class IndexConfig:
-    """FAISS index over news vectors."""
+    """FAISS inner-product index over news vectors."""
 
-    kind: str = "auto"  # "auto" | "flat" | "hnsw" | "ivfpq"
+    kind: str = "auto"  # "auto" | "flat" | "hnsw" | "ivf" | "ivfpq"
     flat_max: int = 200_000  # auto: exact search up to this many news, HNSW above
+    device: str = "auto"  # "auto" (a GPU when faiss-gpu sees one) | "cpu" | "cuda"
     hnsw_m: int = 32
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int = 128  # raised to k per query when k is larger
     hnsw_ef_construction: int = 80
     ivf_nlist: int = 0  # 0 = 4*sqrt(n)
     ivf_nprobe: int = 32
-    pq_m: int = 32
+    ivf_train_size: int = 100_000  # vectors sampled to train the coarse quantiser (and PQ)
+    pq_m: int = 32  # sub-quantisers of IVF-PQ; must divide the vector width
+    encode_batch_size: int = 1024  # news titles per encoder call when building
+    seed: int = 42
 
     def __post_init__(self) -> None:
-        _choice(self, "kind", ("auto", "flat", "hnsw", "ivfpq"))
+        _choice(self, "kind", ("auto", "flat", "hnsw", "ivf", "ivfpq"))
+        _choice(self, "device", ("auto", "cpu", "cuda"))
         _positive(self, "flat_max", "hnsw_m", "hnsw_ef_search", "hnsw_ef_construction",
-                  "ivf_nprobe", "pq_m")
+                  "ivf_nprobe", "ivf_train_size", "pq_m", "encode_batch_size")
+        _non_negative(self, "ivf_nlist")
 
 
 @dataclass
 class ServeConfig:
-    """Online recommendation service."""
+    """Online recommendation service (``newsrec recommend`` and ``newsrec serve``)."""
 
-    retrieve_k: int = 200
-    default_k: int = 10
-    max_k: int = 100
-    max_history: int = 2000
-    max_body_bytes: int = 1_000_000
+    retrieve_k: int = 200  # candidates retrieved from the index before re-ranking
+    default_k: int = 10  # items returned when a request gives no k
+    max_k: int = 100  # largest k a request may ask for
+    max_history: int = 2000  # most news ids a request's history may hold
+    max_body_bytes: int = 1_000_000  # larger request bodies are refused with 413
+    max_title_chars: int = 1000  # longest title POST /news accepts
+    ignore_unknown_history: bool = False  # true: drop unknown history ids instead of answering 422
+    latency_window: int = 10_000  # recent requests kept for the latency percentiles
+    host: str = "127.0.0.1"
+    port: int = 8000
 
     def __post_init__(self) -> None:
-        _positive(self, "retrieve_k", "default_k", "max_k", "max_history", "max_body_bytes")
+        _positive(self, "retrieve_k", "default_k", "max_k", "max_history", "max_body_bytes",
+                  "max_title_chars", "latency_window", "port")
+        if self.default_k > self.max_k:
+            raise ConfigError(f"serve.default_k={self.default_k} must be <= serve.max_k={self.max_k}")
 
 
 @dataclass
