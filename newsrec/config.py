@@ -126,7 +126,7 @@ class IndexConfig:
     flat_max: int = 200_000  # auto: exact search up to this many news, HNSW above
     device: str = "auto"  # "auto" (a GPU when faiss-gpu sees one) | "cpu" | "cuda"
     hnsw_m: int = 32
-    hnsw_ef_search: int = 128  # raised to k per query when k is larger
+    hnsw_ef_search: int = 128  # search beam; raised to 2*k per query when that is larger
     hnsw_ef_construction: int = 80
     ivf_nlist: int = 0  # 0 = 4*sqrt(n)
     ivf_nprobe: int = 32

@@ -1,0 +1,339 @@
+"""FAISS inner-product index over news vectors — the only module that imports faiss.
+
+INDEX_DIR layout (written atomically by :meth:`NewsIndex.save`)::
+
+    index.faiss      the FAISS index (rows in insertion order)
+    ids.npy          int64 [count]: the news key of each row
+    vectors.npy      float32 [count, dim]: each row's vector (exact re-scoring, re-ranker input)
+    fresh_news.json  {"base_news": n, "news": [{"key", "news_id", "title", ...}, ...]}
+    manifest.json    kind, dim, count, base_news, build parameters, model dir + model.json sha256
+
+News keys: the dataset's ``news_idx`` (1..base_news) for news of the artifact the index was built
+from; fresh news added later get keys ``base_news + 1, base_news + 2, ...`` and their ids and titles
+live in ``fresh_news.json``. Keys are never reused, so an id map never needs a rebuild.
+
+Search returns exact inner products: the approximate index proposes rows, the stored vectors
+re-score them, so HNSW / IVF-PQ only affect which rows are found, never their scores.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from newsrec.config import IndexConfig
+from newsrec.errors import ArtifactError, NewsrecError
+from newsrec.utils.io import atomic_dir, read_json, write_json
+
+INDEX_SCHEMA_VERSION = 1
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.npy"
+VECTORS_FILE = "vectors.npy"
+FRESH_FILE = "fresh_news.json"
+MANIFEST_FILE = "manifest.json"
+KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+
+
+def choose_kind(n_vectors: int, cfg: IndexConfig) -> str:
+    """The index kind for a pool of ``n_vectors``: ``cfg.kind``, or with ``auto`` exact search up
+    to ``cfg.flat_max`` vectors and HNSW above."""
+    if cfg.kind != "auto":
+        return cfg.kind
+    return "flat" if n_vectors <= cfg.flat_max else "hnsw"
+
+
+def gpu_available() -> bool:
+    """True when this faiss build has GPU support and sees at least one GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _use_gpu(kind: str, device: str) -> bool:
+    if device == "cpu":
+        return False
+    if device == "cuda" and not gpu_available():
+        raise NewsrecError("index.device=cuda but faiss sees no GPU (install newsrec[gpu] on a "
+                           "machine with CUDA, or set -o index.device=cpu)")
+    # HNSW has no GPU implementation in faiss; it stays on the CPU.
+    return gpu_available() and kind != "hnsw"
+
+
+def _ivf_nlist(n_vectors: int, cfg: IndexConfig) -> int:
+    nlist = cfg.ivf_nlist or int(4 * math.sqrt(max(n_vectors, 1)))
+    # k-means needs a few dozen training points per list
+    return max(1, min(nlist, n_vectors // 39 if n_vectors >= 39 else 1))
+
+
+def _new_faiss_index(kind: str, dim: int, n_vectors: int, cfg: IndexConfig) -> tuple[Any, dict]:
+    """An empty (untrained for IVF) faiss index and the parameters it was made with."""
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim), {}
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, ip)
+        index.hnsw.efConstruction = cfg.hnsw_ef_construction
+        index.hnsw.efSearch = cfg.hnsw_ef_search
+        return index, {"hnsw_m": cfg.hnsw_m, "hnsw_ef_construction": cfg.hnsw_ef_construction,
+                       "hnsw_ef_search": cfg.hnsw_ef_search}
+    nlist = _ivf_nlist(n_vectors, cfg)
+    quantizer = faiss.IndexFlatIP(dim)
+    if kind == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, ip)
+        params = {"ivf_nlist": nlist, "ivf_nprobe": cfg.ivf_nprobe}
+    else:
+        if dim % cfg.pq_m:
+            raise NewsrecError(f"index.pq_m={cfg.pq_m} must divide the news vector width {dim} "
+                               f"(e.g. -o index.pq_m={_largest_divisor(dim, cfg.pq_m)})")
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, cfg.pq_m, 8, ip)
+        params = {"ivf_nlist": nlist, "ivf_nprobe": cfg.ivf_nprobe, "pq_m": cfg.pq_m}
+    index.nprobe = cfg.ivf_nprobe  # faiss's wrapper keeps `quantizer` alive with the index
+    return index, params
+
+
+def _largest_divisor(dim: int, at_most: int) -> int:
+    return max(d for d in range(1, at_most + 1) if dim % d == 0)
+
+
+@dataclass
+class SearchResult:
+    """``keys`` int64 [B, k] (−1 where fewer than k were found), ``scores`` float32 [B, k]
+    (exact inner products, descending; −inf where no key), ``rows`` int64 [B, k] index rows."""
+
+    keys: np.ndarray
+    scores: np.ndarray
+    rows: np.ndarray
+
+
+@dataclass
+class NewsIndex:
+    """A FAISS index with its id map and stored vectors. ``search`` and ``add`` are thread-safe
+    (one lock: an add never interleaves with a search)."""
+
+    faiss_index: Any
+    keys: np.ndarray  # int64 [count]
+    vectors: np.ndarray  # float32 [count, dim]
+    kind: str
+    base_news: int  # keys 1..base_news are dataset news_idx; larger keys are fresh news
+    params: dict = field(default_factory=dict)
+    fresh: list[dict] = field(default_factory=list)  # metadata of fresh news, in key order
+    manifest: dict = field(default_factory=dict)
+    on_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        self._lock = threading.RLock()
+        self._row_of_key = {int(k): i for i, k in enumerate(self.keys.tolist())}
+
+    # ---- size
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def count(self) -> int:
+        return int(self.keys.shape[0])
+
+    @property
+    def next_key(self) -> int:
+        """The key the next fresh news will get."""
+        return max(self.base_news, int(self.keys.max()) if self.count else 0) + 1
+
+    def __contains__(self, key: int) -> bool:
+        return int(key) in self._row_of_key
+
+    def vectors_of(self, keys: np.ndarray) -> np.ndarray:
+        """Stored vectors of ``keys`` (int [M]) → float32 [M, dim]; KeyError on an unknown key."""
+        rows = np.fromiter((self._row_of_key[int(k)] for k in keys), dtype=np.int64, count=len(keys))
+        return self.vectors[rows]
+
+    # ---- search
+    def search(self, queries: np.ndarray, k: int, *, exclude: list[set[int]] | None = None) -> SearchResult:
+        """Top ``k`` keys by inner product for each query.
+
+        queries: float32 [B, dim]; exclude: per query a set of keys never returned (already clicked
+        news) — the index is asked for ``k + len(exclude[b])`` rows so the answer still holds k.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be [B, {self.dim}], got {queries.shape}")
+        n_queries = queries.shape[0]
+        extra = max((len(e) for e in exclude), default=0) if exclude else 0
+        with self._lock:
+            count = self.count
+            fetch = min(k + extra, count)
+            if fetch == 0:
+                rows = np.full((n_queries, 0), -1, dtype=np.int64)
+            else:
+                _, rows = self.faiss_index.search(queries, fetch, params=self._search_params(fetch))
+            keys_all = self.keys
+            vectors = self.vectors
+        out_keys = np.full((n_queries, k), -1, dtype=np.int64)
+        out_scores = np.full((n_queries, k), -np.inf, dtype=np.float32)
+        out_rows = np.full((n_queries, k), -1, dtype=np.int64)
+        for b in range(n_queries):
+            found = rows[b][rows[b] >= 0]
+            found_keys = keys_all[found]
+            if exclude and exclude[b]:
+                keep = ~np.isin(found_keys, np.fromiter(exclude[b], dtype=np.int64))
+                found, found_keys = found[keep], found_keys[keep]
+            exact = vectors[found] @ queries[b]  # exact re-scoring of the proposed rows
+            order = np.argsort(-exact, kind="stable")[:k]
+            n = len(order)
+            out_keys[b, :n] = found_keys[order]
+            out_scores[b, :n] = exact[order]
+            out_rows[b, :n] = found[order]
+        return SearchResult(out_keys, out_scores, out_rows)
+
+    def _search_params(self, fetch: int) -> Any:
+        if self.on_gpu:
+            return None
+        if self.kind == "hnsw":
+            # HNSW over inner products needs a search beam wider than k for high recall
+            ef = max(self.params.get("hnsw_ef_search", 16), 2 * fetch)
+            return faiss.SearchParametersHNSW(efSearch=ef)
+        if self.kind in ("ivf", "ivfpq"):
+            return faiss.SearchParametersIVF(nprobe=self.params.get("ivf_nprobe", 1))
+        return None
+
+    # ---- fresh news
+    def add(self, vectors: np.ndarray, keys: np.ndarray, *, fresh: list[dict] | None = None) -> None:
+        """Append rows without a rebuild. vectors float32 [M, dim]; keys int64 [M], new and unique;
+        ``fresh`` (optional, one dict per row) is kept in fresh_news.json with its key."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        keys = np.asarray(keys, dtype=np.int64)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(keys) != len(vectors):
+            raise ValueError(f"add: expected vectors [M, {self.dim}] and M keys, got "
+                             f"{vectors.shape} and {keys.shape}")
+        if fresh is not None and len(fresh) != len(keys):
+            raise ValueError("add: one fresh-news record per key")
+        with self._lock:
+            taken = [int(k) for k in keys if int(k) in self._row_of_key]
+            if taken or len(set(keys.tolist())) != len(keys):
+                raise NewsrecError(f"news key(s) already in the index: {taken[:5] or 'duplicates'}")
+            start = self.count
+            self.faiss_index.add(vectors)
+            self.keys = np.concatenate([self.keys, keys])
+            self.vectors = np.concatenate([self.vectors, vectors])
+            for i, k in enumerate(keys.tolist()):
+                self._row_of_key[k] = start + i
+            if fresh is not None:
+                self.fresh.extend({**meta, "key": int(k)} for meta, k in zip(fresh, keys.tolist()))
+
+    # ---- persistence
+    def save(self, out_dir: str | Path) -> Path:
+        """Write INDEX_DIR atomically (a reader sees the old folder or the new one, never half)."""
+        out_dir = Path(out_dir)
+        with self._lock:
+            cpu_index = faiss.index_gpu_to_cpu(self.faiss_index) if self.on_gpu else self.faiss_index
+            manifest = {
+                **self.manifest,
+                "schema_version": INDEX_SCHEMA_VERSION,
+                "kind": self.kind,
+                "metric": "inner_product",
+                "dim": self.dim,
+                "count": self.count,
+                "base_news": self.base_news,
+                "fresh_news": len(self.fresh),
+                "params": self.params,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            with atomic_dir(out_dir) as tmp:
+                faiss.write_index(cpu_index, str(tmp / INDEX_FILE))
+                np.save(tmp / IDS_FILE, self.keys)
+                np.save(tmp / VECTORS_FILE, self.vectors)
+                write_json(tmp / FRESH_FILE, {"base_news": self.base_news, "news": self.fresh})
+                write_json(tmp / MANIFEST_FILE, manifest)
+            self.manifest = manifest
+        return out_dir
+
+
+def build_index(vectors: np.ndarray, keys: np.ndarray, *, cfg: IndexConfig, base_news: int,
+                manifest: dict | None = None, show_progress: bool = True) -> NewsIndex:
+    """Index ``vectors`` float32 [n, dim] under ``keys`` int64 [n] (news_idx, 1..base_news).
+
+    The kind follows :func:`choose_kind`; IVF kinds train on a seeded sample of at most
+    ``cfg.ivf_train_size`` vectors. ``manifest`` entries (model dir, hashes) are kept with it.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    keys = np.asarray(keys, dtype=np.int64)
+    if vectors.ndim != 2 or len(keys) != len(vectors):
+        raise ValueError(f"build_index: vectors [n, dim] and n keys expected, got {vectors.shape}, {keys.shape}")
+    n, dim = vectors.shape
+    kind = choose_kind(n, cfg)
+    started = time.perf_counter()
+    index, params = _new_faiss_index(kind, dim, n, cfg)
+    if kind in ("ivf", "ivfpq"):
+        rng = np.random.default_rng(cfg.seed)
+        sample = vectors if n <= cfg.ivf_train_size else vectors[np.sort(rng.choice(n, cfg.ivf_train_size, replace=False))]
+        index.train(sample)
+    on_gpu = _use_gpu(kind, cfg.device)
+    if on_gpu:
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, 0, index)  # the wrapper keeps `resources` alive
+    _add_in_chunks(index, vectors, show_progress=show_progress and n > 50_000, kind=kind)
+    built = {
+        **(manifest or {}),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "build_seconds": round(time.perf_counter() - started, 3),
+        "device": "cuda" if on_gpu else "cpu",
+    }
+    return NewsIndex(index, keys.copy(), vectors, kind=kind, base_news=base_news, params=params,
+                     manifest=built, on_gpu=on_gpu)
+
+
+def _add_in_chunks(index: Any, vectors: np.ndarray, *, show_progress: bool, kind: str) -> None:
+    from newsrec.utils.progress import progress
+
+    chunk = 50_000
+    with progress(total=len(vectors), desc=f"index {kind}", unit="news", disable=not show_progress) as bar:
+        for start in range(0, len(vectors), chunk):
+            block = vectors[start:start + chunk]
+            index.add(block)
+            bar.update(len(block))
+
+
+def load_index(index_dir: str | Path, *, device: str = "cpu") -> NewsIndex:
+    """Open an INDEX_DIR written by :meth:`NewsIndex.save`; ArtifactError when it is not one."""
+    index_dir = Path(index_dir)
+    manifest_path = index_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{index_dir}: not an index folder (no {MANIFEST_FILE}); build one with "
+                            f"`newsrec index --model MODEL_DIR --data DIR --out {index_dir}`")
+    manifest = read_json(manifest_path)
+    if manifest.get("schema_version") != INDEX_SCHEMA_VERSION:
+        raise ArtifactError(f"{manifest_path}: index schema version {manifest.get('schema_version')}, "
+                            f"this newsrec reads {INDEX_SCHEMA_VERSION}; rebuild with `newsrec index`")
+    for name in (INDEX_FILE, IDS_FILE, VECTORS_FILE, FRESH_FILE):
+        if not (index_dir / name).is_file():
+            raise ArtifactError(f"{index_dir}: incomplete index, {name} is missing; rebuild with `newsrec index`")
+    keys = np.load(index_dir / IDS_FILE, allow_pickle=False).astype(np.int64, copy=False)
+    vectors = np.load(index_dir / VECTORS_FILE, allow_pickle=False)
+    index = faiss.read_index(str(index_dir / INDEX_FILE))
+    fresh = read_json(index_dir / FRESH_FILE)
+    kind = manifest.get("kind")
+    if kind not in KINDS:
+        raise ArtifactError(f"{manifest_path}: unknown index kind {kind!r}")
+    if not (index.ntotal == len(keys) == len(vectors) == manifest.get("count")):
+        raise ArtifactError(f"{index_dir}: index rows ({index.ntotal}), ids ({len(keys)}), vectors "
+                            f"({len(vectors)}) and manifest count ({manifest.get('count')}) disagree; "
+                            f"rebuild with `newsrec index`")
+    if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[1] != index.d:
+        raise ArtifactError(f"{index_dir / VECTORS_FILE}: expected float32 [count, {index.d}], got "
+                            f"{vectors.dtype} {vectors.shape}")
+    on_gpu = _use_gpu(kind, device)
+    if on_gpu:
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, 0, index)  # the wrapper keeps `resources` alive
+    return NewsIndex(index, keys, np.ascontiguousarray(vectors), kind=kind,
+                     base_news=int(manifest["base_news"]), params=manifest.get("params", {}),
+                     fresh=list(fresh.get("news", [])), manifest=manifest, on_gpu=on_gpu)
+
+
+def index_memory_bytes(index: NewsIndex) -> int:
+    """Bytes of the serialised faiss index plus the stored vectors and ids (what a server holds)."""
+    cpu_index = faiss.index_gpu_to_cpu(index.faiss_index) if index.on_gpu else index.faiss_index
+    return int(faiss.serialize_index(cpu_index).nbytes + index.vectors.nbytes + index.keys.nbytes)
