@@ -26,10 +26,14 @@ class DataConfig:
     lowercase: bool = True
     min_word_count: int = 1  # words seen fewer times in train titles map to <unk>
     max_vocab: int = 0  # 0 = no cap; else keep the most frequent words
+    on_bad_rows: str = "error"  # ingest: "error" stops at the first bad line; "skip" drops and counts
+    missing_news: str = "error"  # ingest: ids absent from news.tsv: "error" or "drop" (and count)
 
     def __post_init__(self) -> None:
         _positive(self, "title_len", "history_len", "min_word_count")
         _non_negative(self, "max_vocab")
+        _choice(self, "on_bad_rows", ("error", "skip"))
+        _choice(self, "missing_news", ("error", "drop"))
 
 
 @dataclass
