@@ -1,0 +1,80 @@
+"""Attention building blocks shared by the encoders: masked softmax, additive-attention pooling, and
+the multi-head self-attention layer of the NRMS baseline.
+
+Masks follow one convention everywhere: a bool tensor ``[B, N]``, True = a real position.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def masked_fill_scores(scores: Tensor, mask: Tensor) -> Tensor:
+    """Scores ``[B, N, ...]`` with padded positions (mask ``[B, N]`` False) set to the most negative
+    finite value of their dtype, so a softmax over N gives them weight exactly 0.
+
+    A row with no real position keeps equal (finite) scores: its softmax is uniform, never NaN.
+    """
+    keep = mask.view(mask.shape + (1,) * (scores.dim() - mask.dim()))
+    return scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+
+
+def masked_softmax(scores: Tensor, mask: Tensor, *, dim: int = 1) -> Tensor:
+    """Softmax over positions (``dim``) of scores ``[B, N, ...]`` ignoring padded positions."""
+    return torch.softmax(masked_fill_scores(scores, mask), dim=dim)
+
+
+class AdditivePooling(nn.Module):
+    """Additive-attention pooling ``a = softmax(w2ᵀ tanh(W1 x))`` over positions, padding masked.
+
+    ``x [B, N, D]``, ``mask [B, N]`` → ``[B, D]``. A row without any real position pools to zeros.
+    Cost is linear in N.
+    """
+
+    def __init__(self, hidden_size: int, pooling_hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, pooling_hidden)
+        self.score = nn.Linear(pooling_hidden, 1)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        scores = self.score(torch.tanh(self.proj(x)))  # (B, N, 1)
+        weights = masked_softmax(scores, mask, dim=1)  # (B, N, 1)
+        weights = weights * mask.unsqueeze(-1).to(weights.dtype)  # all-padding rows -> 0
+        return torch.bmm(weights.transpose(1, 2).to(x.dtype), x).squeeze(1)  # (B, D)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Multi-head self-attention (the NRMS baseline layer), a drop-in for ``FastformerAttention``.
+
+    ``x [B, N, in_dim]``, ``mask [B, N]`` → ``[B, N, hidden_size]``. Uses
+    ``F.scaled_dot_product_attention`` with a boolean key mask (never materialises weights for the
+    caller); rows with no real position attend to every position instead of none, so they stay
+    finite. Padded positions' outputs are left as computed (``LayerStack`` zeroes them); they never
+    influence real positions.
+    """
+
+    def __init__(self, in_dim: int, hidden_size: int, num_heads: int, *, value_from_query: bool = False) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query = nn.Linear(in_dim, hidden_size)
+        self.key = nn.Linear(in_dim, hidden_size)
+        # value_from_query is a Fastformer option; MHSA always has its own value projection.
+        self.value = nn.Linear(in_dim, hidden_size)
+        self.output = nn.Linear(hidden_size, hidden_size)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, dh)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        any_real = mask.any(dim=1, keepdim=True)  # (B, 1)
+        key_mask = mask | ~any_real  # empty rows attend everywhere: finite, then zeroed below
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        attended = attended.transpose(1, 2).reshape(b, n, -1)  # (B, N, hidden)
+        return self.output(attended)

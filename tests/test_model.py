@@ -1,0 +1,254 @@
+"""Encoders, NewsRecommender and model save/load on tiny odd-sized configs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from newsrec.config import Config, ModelConfig, config_from_dict
+from newsrec.data import schema
+from newsrec.data.artifact import DatasetArtifact
+from newsrec.errors import ArtifactError
+from newsrec.models.io import MANIFEST_FILE, WEIGHTS_FILE, build_model, check_compatible, load_model, save_model
+from newsrec.models.recommender import NewsRecommender
+
+VOCAB, N_CAT, N_SUB, TITLE_LEN, EMB, HIDDEN, HEADS = 41, 4, 6, 7, 10, 12, 3
+
+
+def _cfg(**kw: object) -> ModelConfig:
+    base = dict(embedding_dim=EMB, hidden_size=HIDDEN, num_heads=HEADS, pooling_hidden=5, dropout=0.0)
+    base.update(kw)
+    return ModelConfig(**base)  # type: ignore[arg-type]
+
+
+def _model(**kw: object) -> NewsRecommender:
+    torch.manual_seed(0)
+    max_history = int(kw.pop("max_history", 50))  # type: ignore[call-overload]
+    return NewsRecommender(_cfg(**kw), vocab_size=VOCAB, n_categories=N_CAT, n_subcategories=N_SUB,
+                           max_history=max_history).eval()
+
+
+def _titles(batch: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(2, VOCAB, (batch, TITLE_LEN), generator=g)
+    lengths = torch.tensor([7, 3, 1, 5, 0][:batch])
+    tokens[torch.arange(TITLE_LEN)[None, :] >= lengths[:, None]] = 0
+    return tokens
+
+
+def _history(batch: int = 4, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    vectors = torch.randn(batch, n, HIDDEN, generator=g)
+    lengths = torch.tensor([6, 2, 0, 4][:batch])
+    mask = torch.arange(n)[None, :] < lengths[:, None]
+    vectors[~mask] = 0
+    return vectors, mask
+
+
+@pytest.mark.parametrize("encoder", ["fastformer", "mhsa"])
+def test_shapes_and_finiteness(encoder: str) -> None:
+    model = _model(encoder=encoder)
+    titles = _titles()
+    cat, sub = torch.tensor([0, 1, 2, 3, 1]), torch.tensor([0, 5, 4, 3, 1])
+    news = model.encode_news(titles, cat, sub)
+    assert news.shape == (5, HIDDEN) and model.news_dim == HIDDEN
+    assert torch.isfinite(news).all()  # row 4 is a title of only padding
+    hist, mask = _history()
+    users = model.encode_user(hist, mask)
+    assert users.shape == (4, HIDDEN) and torch.isfinite(users).all()
+    cands = torch.randn(4, 9, HIDDEN)
+    scores = model.score(users, cands)
+    assert scores.shape == (4, 9)
+    torch.testing.assert_close(scores, torch.einsum("bd,bcd->bc", users, cands))
+
+
+@pytest.mark.parametrize("encoder", ["fastformer", "mhsa"])
+@pytest.mark.parametrize("position_embeddings", [False, True])
+def test_encode_user_invariant_to_right_padding(encoder: str, position_embeddings: bool) -> None:
+    model = _model(encoder=encoder, position_embeddings=position_embeddings, max_history=8)
+    hist, mask = _history()
+    longer = torch.cat([hist, torch.randn(4, 5, HIDDEN)], dim=1)  # junk in the padding
+    longer_mask = torch.cat([mask, torch.zeros(4, 5, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(model.encode_user(longer, longer_mask), model.encode_user(hist, mask),
+                               rtol=0, atol=1e-6)
+
+
+def test_empty_history_gives_learned_vector() -> None:
+    model = _model()
+    hist, mask = _history()
+    users = model.encode_user(hist, mask)
+    torch.testing.assert_close(users[2], model.user_encoder.empty_history.detach())
+    assert not torch.allclose(users[0], users[2])
+
+
+def test_position_embeddings_follow_recency() -> None:
+    model = _model(position_embeddings=True, max_history=5)
+    seen: list[torch.Tensor] = []
+    model.user_encoder.stack.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    hist, mask = _history(n=6)
+    model.encode_user(hist, mask)
+    table = model.user_encoder.position_embedding.weight.detach()
+    added = seen[0] - hist
+    lengths = mask.sum(1).tolist()
+    for b, length in enumerate(lengths):
+        for i in range(length):
+            recency = min(length - 1 - i, 4)  # 0 = most recent; clamped at max_history - 1
+            torch.testing.assert_close(added[b, i], table[recency])
+
+
+def test_news_encoder_padding_and_categories() -> None:
+    model = _model()
+    titles = _titles()
+    wider = torch.cat([titles, torch.zeros(5, 4, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(model.encode_news(wider), model.encode_news(titles), rtol=0, atol=1e-6)
+    cat, sub = torch.tensor([0, 1, 2, 3, 1]), torch.tensor([0, 5, 4, 3, 1])
+    with_cat = model.encode_news(titles, cat, sub)
+    no_cat = model.encode_news(titles)  # None = the "<unk>" category 0
+    enc = model.news_encoder
+    torch.testing.assert_close(with_cat - no_cat,
+                               enc.category_embedding(cat) + enc.subcategory_embedding(sub)
+                               - enc.category_embedding.weight[0] - enc.subcategory_embedding.weight[0])
+    plain = _model(use_category=False)
+    assert plain.news_encoder.category_embedding is None
+    assert model.n_params() - plain.n_params() == (N_CAT + N_SUB) * HIDDEN
+
+
+def test_user_num_layers_and_mhsa_same_code_path() -> None:
+    one, three = _model(num_layers=1), _model(num_layers=1, user_num_layers=3)
+    assert len(three.user_encoder.stack.order) == 3 and len(three.news_encoder.stack.order) == 1
+    per_layer = sum(p.numel() for p in one.user_encoder.stack.parameters())
+    assert three.n_params() - one.n_params() == 2 * per_layer
+    mhsa = _model(encoder="mhsa")
+    assert type(mhsa.news_encoder) is type(one.news_encoder)
+    assert mhsa.user_encoder.stack.kind == "mhsa" and one.user_encoder.stack.kind == "fastformer"
+
+
+def test_init_std_and_zero_bias() -> None:
+    model = NewsRecommender(_cfg(init_std=0.05, hidden_size=240, num_heads=8), vocab_size=3000,
+                            n_categories=N_CAT, n_subcategories=N_SUB)
+    emb = model.news_encoder.word_embedding.weight.detach()
+    assert torch.all(emb[0] == 0)
+    assert abs(emb[1:].std().item() - 0.05) < 0.003
+    q = model.news_encoder.stack.layers[0].attention.query
+    assert torch.all(q.bias == 0) and abs(q.weight.std().item() - 0.05) < 0.005
+
+
+def test_glove_init_copies_vectors_and_checks_shape() -> None:
+    vectors = np.random.default_rng(0).normal(size=(VOCAB, EMB)).astype(np.float32)
+    model = NewsRecommender(_cfg(freeze_embeddings=True), vocab_size=VOCAB, n_categories=N_CAT,
+                            n_subcategories=N_SUB, word_vectors=vectors)
+    weight = model.news_encoder.word_embedding.weight
+    np.testing.assert_array_equal(weight.detach().numpy(), vectors)
+    assert not weight.requires_grad
+    assert model.n_params(trainable_only=True) == model.n_params() - VOCAB * EMB
+    with pytest.raises(ArtifactError, match="embedding_dim"):
+        NewsRecommender(_cfg(), vocab_size=VOCAB, n_categories=N_CAT, n_subcategories=N_SUB,
+                        word_vectors=vectors[:, :8])
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+
+
+def _write_dataset(root: Path, *, vocab: list[str] | None = None, with_vectors: bool = True) -> DatasetArtifact:
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = vocab or [schema.PAD_WORD, schema.UNK_WORD] + [f"w{i}" for i in range(VOCAB - 2)]
+    (root / schema.VOCAB).write_text(json.dumps({"words": vocab}))
+    cats = {"category": ["<unk>"] + [f"c{i}" for i in range(N_CAT - 1)],
+            "subcategory": ["<unk>"] + [f"s{i}" for i in range(N_SUB - 1)]}
+    (root / schema.CATEGORIES).write_text(json.dumps(cats))
+    tokens = np.zeros((4, TITLE_LEN), dtype=np.int32)
+    tokens[1:, :3] = [[2, 3, 4], [5, 6, 0], [7, 0, 0]]
+    np.save(root / schema.TITLE_TOKENS, tokens)
+    pl.DataFrame(schema=schema.NEWS_SCHEMA).write_parquet(root / schema.NEWS)
+    if with_vectors:
+        rng = np.random.default_rng(1)
+        np.save(root / schema.WORD_VECTORS, rng.normal(size=(len(vocab), EMB)).astype(np.float32))
+    (root / schema.MANIFEST).write_text(json.dumps({"schema_version": schema.SCHEMA_VERSION}))
+    return DatasetArtifact(root)
+
+
+def _config(**model: object) -> Config:
+    base: dict[str, object] = dict(embedding_dim=EMB, hidden_size=HIDDEN, num_heads=HEADS, pooling_hidden=5,
+                                   position_embeddings=True, share_layers=True, num_layers=2)
+    base.update(model)
+    return config_from_dict({"model": base, "data": {"title_len": TITLE_LEN, "history_len": 9}})
+
+
+def _outputs(model: NewsRecommender) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        news = model.encode_news(_titles(), torch.tensor([0, 1, 2, 3, 1]), torch.tensor([0, 5, 4, 3, 1]))
+        hist, mask = _history()
+        return news, model.encode_user(hist, mask)
+
+
+@pytest.mark.parametrize("encoder", ["fastformer", "mhsa"])
+def test_save_load_round_trip(tmp_path: Path, encoder: str) -> None:
+    dataset = _write_dataset(tmp_path / "data")
+    config = _config(encoder=encoder)
+    torch.manual_seed(0)
+    model = build_model(config, dataset).eval()
+    np.testing.assert_array_equal(model.news_encoder.word_embedding.weight.detach().numpy(),
+                                  dataset.word_vectors)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "checkpoint.keep").write_text("untouched")
+    save_model(tmp_path / "model", model, config, dataset=dataset, extra={"auc": 0.7, "run_id": "abc"})
+    loaded = load_model(tmp_path / "model")
+    assert not loaded.model.training
+    assert loaded.config == config
+    assert loaded.manifest["extra"] == {"auc": 0.7, "run_id": "abc"}
+    assert loaded.manifest["vocab_size"] == VOCAB and loaded.manifest["title_len"] == TITLE_LEN
+    assert loaded.manifest["n_categories"] == N_CAT and loaded.manifest["n_subcategories"] == N_SUB
+    assert loaded.manifest["n_params"] == model.n_params()
+    assert (tmp_path / "model" / "checkpoint.keep").read_text() == "untouched"
+    for a, b in zip(_outputs(model), _outputs(loaded.model)):
+        assert torch.equal(a, b)
+    check_compatible(loaded.manifest, dataset)
+
+
+def test_load_refuses_bad_folders(tmp_path: Path) -> None:
+    dataset = _write_dataset(tmp_path / "data", with_vectors=False)
+    config = _config()
+    model = build_model(config, dataset)
+    out = tmp_path / "model"
+    save_model(out, model, config, dataset=dataset)
+
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["schema_version"] = 999
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="schema version 999"):
+        load_model(out)
+
+    save_model(out, model, config, dataset=dataset)
+    raw = bytearray((out / WEIGHTS_FILE).read_bytes())
+    raw[-1] ^= 0xFF
+    (out / WEIGHTS_FILE).write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_model(out)
+
+    (out / WEIGHTS_FILE).unlink()
+    with pytest.raises(ArtifactError, match="model.safetensors is missing"):
+        load_model(out)
+    with pytest.raises(ArtifactError, match="not found"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_check_compatible_detects_other_vocabulary(tmp_path: Path) -> None:
+    dataset = _write_dataset(tmp_path / "a")
+    config = _config()
+    save_model(tmp_path / "model", build_model(config, dataset), config, dataset=dataset)
+    manifest = load_model(tmp_path / "model").manifest
+    other_words = [schema.PAD_WORD, schema.UNK_WORD] + [f"x{i}" for i in range(VOCAB - 2)]
+    other = _write_dataset(tmp_path / "b", vocab=other_words)
+    with pytest.raises(ArtifactError, match="vocab_sha256"):
+        check_compatible(manifest, other)
+
+
+def test_build_model_rejects_mismatched_word_vectors(tmp_path: Path) -> None:
+    dataset = _write_dataset(tmp_path / "data")
+    with pytest.raises(ArtifactError, match="embedding_dim"):
+        build_model(_config(embedding_dim=EMB + 2), dataset)
