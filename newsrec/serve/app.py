@@ -1,0 +1,304 @@
+"""The HTTP service (FastAPI): ``create_app(service, serve_cfg)``.
+
+Endpoints::
+
+    POST /recommend   {"user_id": "U1"} or {"history": ["N1", ...]}, optional "k", "ignore_unknown"
+                      → {"items": [{"news_id", "score", "retrieval_score", "title", "category",
+                         "fresh"}, ...], "history_used", "ignored_ids", "reranked", "took_ms"}
+    POST /news        {"news_id", "title", "category"?, "subcategory"?} → 201, the news is retrievable
+    POST /index/save  persist fresh news into INDEX_DIR (atomic); also done at shutdown
+    GET  /health      {"status": "ok", news count, index kind, uptime, counters}
+    GET  /metrics     counters: requests, 4xx, 5xx per endpoint; latency p50/p95/p99 (ms)
+
+Bad input never reaches the model: malformed JSON → 400; missing/extra fields, wrong types, k out of
+range, a history longer than ``serve.max_history`` → 422; unknown user → 404; unknown history
+ids → 422 naming them (or dropped with ``"ignore_unknown": true`` / ``serve.ignore_unknown_history``);
+a body larger than ``serve.max_body_bytes`` → 413; a duplicate fresh news id → 409. Every error
+answers ``{"detail": "<one line>"}``; an unexpected failure answers 500 and the service keeps serving.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, AsyncIterator
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from newsrec.config import ServeConfig
+from newsrec.errors import NewsrecError
+from newsrec.serve.service import DuplicateNewsError, Recommender, UnknownNewsError, UnknownUserError
+
+log = logging.getLogger("newsrec.serve")
+MAX_ID_CHARS = 128
+
+
+# ---------------------------------------------------------------------------- request / response
+def _request_models(cfg: ServeConfig) -> tuple[type[BaseModel], type[BaseModel]]:
+    """Request models whose limits (k, history length, title length) come from ``cfg``, so the
+    OpenAPI schema states them."""
+
+    class RecommendRequest(BaseModel):
+        """Exactly one of ``user_id`` (latest history in the dataset) or ``history`` (news ids,
+        oldest first)."""
+
+        model_config = ConfigDict(extra="forbid")
+        user_id: StrictStr | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
+        history: list[StrictStr] | None = Field(None, max_length=cfg.max_history)
+        k: StrictInt = Field(cfg.default_k, ge=1, le=cfg.max_k)
+        ignore_unknown: StrictBool | None = None
+
+        @model_validator(mode="after")
+        def _one_source(self) -> "RecommendRequest":
+            if (self.user_id is None) == (self.history is None):
+                raise ValueError("give exactly one of user_id or history")
+            return self
+
+    class NewsRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        news_id: StrictStr = Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"\S")
+        title: StrictStr = Field(min_length=1, max_length=cfg.max_title_chars)
+        category: StrictStr | None = Field(None, max_length=MAX_ID_CHARS)
+        subcategory: StrictStr | None = Field(None, max_length=MAX_ID_CHARS)
+
+    return RecommendRequest, NewsRequest
+
+
+class ItemOut(BaseModel):
+    news_id: str
+    score: float
+    retrieval_score: float
+    title: str
+    category: str
+    fresh: bool
+
+
+class RecommendResponse(BaseModel):
+    items: list[ItemOut]
+    history_used: int
+    ignored_ids: list[str]
+    reranked: bool
+    took_ms: float
+
+
+class NewsResponse(BaseModel):
+    news_id: str
+    news_count: int
+
+
+# ---------------------------------------------------------------------------- counters
+class ServiceMetrics:
+    """Request counters and latency percentiles over the last ``window`` requests per endpoint."""
+
+    def __init__(self, window: int) -> None:
+        self._lock = threading.Lock()
+        self._window = window
+        self.started = time.time()
+        self.counts: dict[str, dict[str, int]] = {}
+        self.latencies: dict[str, deque[float]] = {}
+
+    def record(self, endpoint: str, status: int, seconds: float) -> None:
+        klass = f"{status // 100}xx"
+        with self._lock:
+            c = self.counts.setdefault(endpoint, {"requests": 0, "2xx": 0, "4xx": 0, "5xx": 0})
+            c["requests"] += 1
+            c[klass] = c.get(klass, 0) + 1
+            self.latencies.setdefault(endpoint, deque(maxlen=self._window)).append(seconds * 1e3)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            endpoints = {}
+            for name, c in self.counts.items():
+                lat = np.asarray(self.latencies.get(name, ()), dtype=np.float64)
+                pct = ({f"p{p}_ms": round(float(np.percentile(lat, p)), 3) for p in (50, 95, 99)}
+                       if len(lat) else {})
+                endpoints[name] = {**c, **pct}
+            totals = {key: sum(c.get(key, 0) for c in self.counts.values())
+                      for key in ("requests", "2xx", "4xx", "5xx")}
+        return {"uptime_s": round(time.time() - self.started, 1), "requests": totals["requests"],
+                "errors_4xx": totals["4xx"], "errors_5xx": totals["5xx"], "endpoints": endpoints}
+
+
+# ---------------------------------------------------------------------------- body size limit
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over ``max_bytes`` — by Content-Length up front, or while streaming when the
+    client sends none (chunked), so an oversized body is never held in memory."""
+
+    def __init__(self, app: Any, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                await _send_json(send, 400, "Content-Length is not a number")
+                return
+            if int(length) > self.max_bytes:
+                await _send_json(send, 413, f"request body of {int(length)} bytes exceeds "
+                                            f"serve.max_body_bytes={self.max_bytes}")
+                return
+        received = 0
+        started = False
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _send_json(send, 413, f"request body exceeds serve.max_body_bytes={self.max_bytes}")
+
+
+async def _send_json(send: Any, status: int, detail: str) -> None:
+    body = JSONResponse({"detail": detail}).body
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
+    """(status, one line) for a request validation failure: 400 for unparsable JSON, else 422."""
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        ctx = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {})
+        return 400, f"request body is not valid JSON ({ctx.get('error', 'parse error')})"
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+    return 422, "; ".join(parts) + more
+
+
+# ---------------------------------------------------------------------------- the app
+def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
+               save_on_shutdown: bool = True) -> FastAPI:
+    """The FastAPI app over ``service``. Limits come from ``serve_cfg`` (default: the service's)."""
+    cfg = serve_cfg or service.serve_cfg
+    RecommendRequest, NewsRequest = _request_models(cfg)
+    metrics = ServiceMetrics(cfg.latency_window)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if save_on_shutdown and service.dirty and service.index_dir is not None:
+            service.save()
+            log.info("saved fresh news into %s", service.index_dir)
+
+    app = FastAPI(title="newsrec", version="1", lifespan=lifespan,
+                  description="Fastformer news recommendation: FAISS retrieval, re-ranking, fresh news.")
+    app.state.service = service
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            endpoint = f"{request.method} {getattr(route, 'path', 'unmatched')}"
+            metrics.record(endpoint, status, time.perf_counter() - started)
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message = _validation_message(exc)
+        return JSONResponse({"detail": message}, status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    def _error(status: int, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    @app.post("/recommend", response_model=RecommendResponse,
+              responses={400: {}, 404: {}, 413: {}, 422: {}})
+    def recommend(body: RecommendRequest) -> Any:  # type: ignore[valid-type]
+        """Top k news for a user of the dataset or for a given history (clicked news excluded)."""
+        started = time.perf_counter()
+        try:
+            rec = service.recommend(user_id=body.user_id, history=body.history, k=body.k,
+                                    ignore_unknown=body.ignore_unknown)
+        except UnknownUserError as exc:
+            return _error(404, exc)
+        except (UnknownNewsError, NewsrecError) as exc:
+            return _error(422, exc)
+        return RecommendResponse(
+            items=[ItemOut(**vars(item)) for item in rec.items], history_used=rec.history_used,
+            ignored_ids=rec.ignored_ids, reranked=rec.reranked,
+            took_ms=round(1e3 * (time.perf_counter() - started), 3))
+
+    @app.post("/news", response_model=NewsResponse, status_code=201, responses={409: {}, 413: {}, 422: {}})
+    def add_news(body: NewsRequest) -> Any:  # type: ignore[valid-type]
+        """Add a fresh news: tokenised with the dataset vocabulary, encoded, added to the index."""
+        try:
+            service.add_news(body.news_id, body.title, category=body.category, subcategory=body.subcategory)
+        except DuplicateNewsError as exc:
+            return _error(409, exc)
+        except NewsrecError as exc:
+            return _error(422, exc)
+        return NewsResponse(news_id=body.news_id.strip(), news_count=service.index.count)
+
+    @app.post("/index/save")
+    def save_index() -> dict[str, Any]:
+        """Write the index with its fresh news back to INDEX_DIR (atomic)."""
+        try:
+            path = service.save()
+        except NewsrecError as exc:
+            return _error(409, exc)
+        return {"saved": str(path.name), "news_count": service.index.count}
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        snap = metrics.snapshot()
+        return {"status": "ok", **service.stats(), "uptime_s": snap["uptime_s"],
+                "requests": snap["requests"], "errors_5xx": snap["errors_5xx"]}
+
+    @app.get("/metrics")
+    def get_metrics() -> dict[str, Any]:
+        return metrics.snapshot()
+
+    return app

@@ -1,0 +1,384 @@
+"""The recommendation service: one user (or a given history) → retrieve K → re-rank → top k.
+
+``Recommender`` holds the trained news/user encoders, the FAISS index with every news vector, the
+dataset artifact (vocabulary, titles, users' latest histories) and, optionally, a re-ranker. The CLI
+(``newsrec recommend``) and the HTTP app (``newsrec serve``) both call :meth:`Recommender.recommend`.
+
+News keys are the index's (see ``newsrec.serve.index``): the artifact's news_idx, then fresh news
+added through :meth:`Recommender.add_news`. Clicked news are never recommended back.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from newsrec.config import Config, IndexConfig, ServeConfig
+from newsrec.data.artifact import DatasetArtifact, open_dataset
+from newsrec.errors import ArtifactError, NewsrecError
+from newsrec.serve.index import NewsIndex, build_index, load_index
+from newsrec.utils.io import sha256_file
+
+
+class UnknownUserError(NewsrecError):
+    """The user has no impressions in the dataset artifact."""
+
+
+class UnknownNewsError(NewsrecError):
+    """News ids that are neither in the dataset artifact nor added as fresh news."""
+
+    def __init__(self, news_ids: list[str]) -> None:
+        self.news_ids = news_ids
+        shown = ", ".join(news_ids[:10]) + (f" (+{len(news_ids) - 10} more)" if len(news_ids) > 10 else "")
+        super().__init__(f"unknown news id(s) in history: {shown}; send known ids, or set "
+                         f"ignore_unknown=true to drop them")
+
+
+class DuplicateNewsError(NewsrecError):
+    """A fresh news id that is already known."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One recommended news: ``score`` ranks the list (re-ranker score when there is a re-ranker,
+    else the retrieval score = dot(user, news))."""
+
+    news_id: str
+    score: float
+    retrieval_score: float
+    title: str
+    category: str
+    fresh: bool
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    items: list[Item]
+    history_used: int  # clicks fed to the user encoder (after truncation to data.history_len)
+    ignored_ids: list[str] = field(default_factory=list)  # unknown history ids dropped on request
+    reranked: bool = False
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Recommender:
+    """Retrieval + optional re-ranking over a FAISS index. Thread-safe: searches run concurrently
+    with each other; adding fresh news takes the index lock (see ``NewsIndex``) and this one."""
+
+    def __init__(self, *, model: Any, config: Config, dataset: DatasetArtifact, index: NewsIndex,
+                 serve_cfg: ServeConfig | None = None, reranker: Any = None,
+                 index_dir: str | Path | None = None) -> None:
+        self.model = model.eval()
+        self.config = config
+        self.dataset = dataset
+        self.index = index
+        self.serve_cfg = serve_cfg or config.serve
+        self.reranker = reranker
+        self.index_dir = Path(index_dir) if index_dir is not None else None
+        self.history_len = config.data.history_len
+        self.device = next(model.parameters()).device
+        self._lock = threading.Lock()
+        self._dirty = False
+        self._fresh_key_of: dict[str, int] = {}
+        self._fresh_meta: dict[int, dict] = {}
+        for meta in index.fresh:
+            self._fresh_key_of[meta["news_id"]] = int(meta["key"])
+            self._fresh_meta[int(meta["key"])] = meta
+        if reranker is not None and index.fresh:
+            self._register_fresh_with_reranker(index.fresh)
+        self._latest_row: dict[str, tuple[str, int]] | None = None
+        self._titles = dataset.news.select("news_idx", "title", "category")
+        self._title_of = np.empty(dataset.n_news + 1, dtype=object)
+        self._category_of = np.empty(dataset.n_news + 1, dtype=object)
+        self._title_of[0] = self._category_of[0] = ""
+        idx = self._titles["news_idx"].to_numpy()
+        self._title_of[idx] = np.array(self._titles["title"].to_list(), dtype=object)
+        self._category_of[idx] = np.array(self._titles["category"].to_list(), dtype=object)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, model_dir: str | Path, index_dir: str | Path, *, reranker_dir: str | Path | None = None,
+             data_dir: str | Path | None = None, serve_cfg: ServeConfig | None = None) -> "Recommender":
+        """Open MODEL_DIR, INDEX_DIR (and RERANKER_DIR). The dataset artifact is ``data_dir`` or the
+        one the model was trained on (recorded in model.json)."""
+        from newsrec.models.io import check_compatible, load_model
+
+        loaded = load_model(model_dir)
+        dataset = open_dataset(data_dir or _dataset_path(loaded.manifest, model_dir))
+        check_compatible(loaded.manifest, dataset)
+        index = load_index(index_dir, device=loaded.config.index.device)
+        check_index_matches(index, model_dir=Path(model_dir), n_news=dataset.n_news,
+                            news_dim=loaded.model.news_dim, index_dir=Path(index_dir))
+        reranker = None
+        if reranker_dir is not None:
+            from newsrec.models.reranker import load_reranker
+
+            reranker = load_reranker(reranker_dir, retriever_dir=model_dir)
+        return cls(model=loaded.model, config=loaded.config, dataset=dataset, index=index,
+                   serve_cfg=serve_cfg or loaded.config.serve, reranker=reranker, index_dir=index_dir)
+
+    def _register_fresh_with_reranker(self, fresh: list[dict]) -> None:
+        """Fresh news saved with the index become known to the re-ranker (no clicks, their age)."""
+        for meta in fresh:
+            key = np.array([int(meta["key"])], dtype=np.int64)
+            added = meta.get("added_at")
+            self.reranker.add_news(key, self.index.vectors_of(key),
+                                   category_idx=np.array([int(meta.get("category_idx", 0))]),
+                                   subcategory_idx=np.array([int(meta.get("subcategory_idx", 0))]),
+                                   first_seen=_dt.datetime.fromisoformat(added) if added else None)
+
+    # ------------------------------------------------------------------ ids
+    def key_of(self, news_id: str) -> int | None:
+        key = self.dataset.news_id_to_idx.get(news_id)
+        return key if key is not None else self._fresh_key_of.get(news_id)
+
+    def news_id_of(self, key: int) -> str:
+        if key <= self.dataset.n_news:
+            return str(self.dataset.news_idx_to_id[key])
+        return str(self._fresh_meta[key]["news_id"])
+
+    def _info(self, key: int) -> tuple[str, str, str]:
+        """(news_id, title, category) of a key."""
+        if key <= self.dataset.n_news:
+            return (str(self.dataset.news_idx_to_id[key]), str(self._title_of[key] or ""),
+                    str(self._category_of[key] or ""))
+        meta = self._fresh_meta[key]
+        return meta["news_id"], meta.get("title", ""), meta.get("category") or ""
+
+    @property
+    def n_users(self) -> int:
+        return len(self._user_rows())
+
+    def _user_rows(self) -> dict[str, tuple[str, int]]:
+        """user_id → (split, row) of the user's latest impression over every split of the artifact."""
+        if self._latest_row is None:
+            frames = []
+            for split in self.dataset.splits:
+                df = self.dataset.behaviors(split).select("user_id", "time")
+                frames.append(df.with_row_index("row").with_columns(pl.lit(split).alias("split")))
+            if frames:
+                latest = (pl.concat(frames).sort(["time", "row"])
+                          .group_by("user_id", maintain_order=True).last())
+                self._latest_row = {u: (s, int(r)) for u, s, r in
+                                    zip(latest["user_id"], latest["split"], latest["row"])}
+            else:
+                self._latest_row = {}
+        return self._latest_row
+
+    def user_history(self, user_id: str) -> np.ndarray:
+        """Keys of the user's clicks (oldest first, full length) from their latest impression."""
+        where = self._user_rows().get(user_id)
+        if where is None:
+            raise UnknownUserError(f"unknown user '{user_id}': no impressions in {self.dataset.root.name}")
+        split, row = where
+        return np.asarray(self.dataset.impressions(split).history_of(row), dtype=np.int64)
+
+    def resolve_history(self, news_ids: list[str], *, ignore_unknown: bool) -> tuple[np.ndarray, list[str]]:
+        """News ids → keys (int64 [N], order kept); unknown ids raise, or are dropped and returned."""
+        keys, unknown = [], []
+        for news_id in news_ids:
+            key = self.key_of(news_id)
+            (unknown.append(news_id) if key is None else keys.append(key))
+        if unknown and not ignore_unknown:
+            raise UnknownNewsError(unknown)
+        return np.asarray(keys, dtype=np.int64), unknown
+
+    # ------------------------------------------------------------------ recommending
+    def encode_history(self, history_keys: np.ndarray) -> np.ndarray:
+        """Clicked keys (oldest first) → user vector float32 [D]; the most recent
+        ``data.history_len`` clicks are used; an empty history is valid."""
+        keys = history_keys[-self.history_len:]
+        dim = self.index.dim
+        vectors = self.index.vectors_of(keys) if len(keys) else np.zeros((0, dim), np.float32)
+        n = max(len(keys), 1)
+        padded = np.zeros((1, n, dim), dtype=np.float32)
+        padded[0, :len(keys)] = vectors
+        mask = torch.zeros(1, n, dtype=torch.bool)
+        mask[0, :len(keys)] = True
+        with torch.inference_mode():
+            user = self.model.encode_user(torch.from_numpy(padded).to(self.device), mask.to(self.device))
+        return user[0].float().cpu().numpy()
+
+    def recommend(self, *, user_id: str | None = None, history: list[str] | None = None,
+                  k: int | None = None, ignore_unknown: bool | None = None,
+                  now: _dt.datetime | None = None) -> Recommendation:
+        """Top ``k`` news for ``user_id`` (latest history in the artifact) or a given ``history`` of
+        news ids, never any clicked news. Retrieves ``serve.retrieve_k`` candidates, re-ranks them
+        when a re-ranker is loaded, returns ``k`` sorted by score (descending)."""
+        if (user_id is None) == (history is None):
+            raise NewsrecError("give exactly one of user_id or history")
+        k = self.serve_cfg.default_k if k is None else k
+        if not 1 <= k <= self.serve_cfg.max_k:
+            raise NewsrecError(f"k={k} is out of range: 1 <= k <= {self.serve_cfg.max_k} (serve.max_k)")
+        if ignore_unknown is None:
+            ignore_unknown = self.serve_cfg.ignore_unknown_history
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        ignored: list[str] = []
+        if user_id is not None:
+            history_keys = self.user_history(user_id)
+        else:
+            if len(history) > self.serve_cfg.max_history:
+                raise NewsrecError(f"history holds {len(history)} ids, more than serve.max_history="
+                                   f"{self.serve_cfg.max_history}")
+            history_keys, ignored = self.resolve_history(history, ignore_unknown=ignore_unknown)
+        user_vector = self.encode_history(history_keys)
+        t1 = time.perf_counter()
+        retrieve_k = max(self.serve_cfg.retrieve_k, k)
+        found = self.index.search(user_vector[None, :], retrieve_k, exclude=[set(history_keys.tolist())])
+        valid = found.keys[0] >= 0
+        cand_keys, retrieval_scores = found.keys[0][valid], found.scores[0][valid]
+        t2 = time.perf_counter()
+        scores = retrieval_scores
+        reranked = False
+        if self.reranker is not None and len(cand_keys):
+            scores = self._rerank(history_keys[-self.history_len:], cand_keys, retrieval_scores, now)
+            reranked = True
+        t3 = time.perf_counter()
+        order = np.argsort(-scores, kind="stable")[:k]
+        items = []
+        for i in order:
+            key = int(cand_keys[i])
+            news_id, title, category = self._info(key)
+            items.append(Item(news_id=news_id, score=float(scores[i]),
+                              retrieval_score=float(retrieval_scores[i]), title=title,
+                              category=category, fresh=key > self.dataset.n_news))
+        timings.update(encode_ms=1e3 * (t1 - t0), retrieve_ms=1e3 * (t2 - t1), rerank_ms=1e3 * (t3 - t2))
+        return Recommendation(items=items, history_used=min(len(history_keys), self.history_len),
+                              ignored_ids=ignored, reranked=reranked, timings_ms=timings)
+
+    def _rerank(self, history_keys: np.ndarray, cand_keys: np.ndarray, retrieval_scores: np.ndarray,
+                now: _dt.datetime | None) -> np.ndarray:
+        """Re-ranker scores float [C] for the retrieved candidates."""
+        scores = self.reranker.rerank(history_keys, cand_keys, retrieval_scores, now)
+        return np.asarray(scores, dtype=np.float64).reshape(len(cand_keys))
+
+    # ------------------------------------------------------------------ fresh news
+    def add_news(self, news_id: str, title: str, *, category: str | None = None,
+                 subcategory: str | None = None) -> int:
+        """Tokenise ``title`` with the artifact's vocabulary, encode it, add it to the index; returns
+        its key. Raises DuplicateNewsError when ``news_id`` is already known."""
+        news_id = news_id.strip()
+        if not news_id:
+            raise NewsrecError("news_id must not be empty")
+        if self.key_of(news_id) is not None:
+            raise DuplicateNewsError(f"news '{news_id}' is already known")
+        tokens = self._title_tokens(title)
+        cats = self.dataset.categories
+        cat_idx = _index_of(cats["category"], category)
+        sub_idx = _index_of(cats["subcategory"], subcategory)
+        with torch.inference_mode():
+            vector = self.model.encode_news(
+                torch.from_numpy(tokens[None, :].astype(np.int64)).to(self.device),
+                torch.tensor([cat_idx], device=self.device), torch.tensor([sub_idx], device=self.device))
+        vector = vector.float().cpu().numpy()
+        with self._lock:
+            if self.key_of(news_id) is not None:
+                raise DuplicateNewsError(f"news '{news_id}' is already known")
+            key = self.index.next_key
+            added_at = _dt.datetime.now(_dt.timezone.utc)
+            meta = {"news_id": news_id, "title": title, "category": category or "",
+                    "subcategory": subcategory or "", "category_idx": cat_idx, "subcategory_idx": sub_idx,
+                    "added_at": added_at.isoformat(timespec="seconds")}
+            keys = np.array([key], dtype=np.int64)
+            if self.reranker is not None:  # before the index: a retrieved key must be known to it
+                self.reranker.add_news(keys, vector, category_idx=np.array([cat_idx]),
+                                       subcategory_idx=np.array([sub_idx]), first_seen=added_at)
+            self.index.add(vector, keys, fresh=[meta])
+            self._fresh_meta[key] = {**meta, "key": key}
+            self._fresh_key_of[news_id] = key
+            self._dirty = True
+        return key
+
+    def _title_tokens(self, title: str) -> np.ndarray:
+        """int32 [title_len]: the same tokenisation ingest applied to the artifact's titles."""
+        from newsrec.data.tokenize import encode_tokens, tokenize
+
+        tokens = tokenize(pl.Series([title], dtype=pl.String), lowercase=self.config.data.lowercase)
+        return encode_tokens(tokens, self.dataset.vocab, length=self.dataset.title_len)[0]
+
+    @property
+    def dirty(self) -> bool:
+        """True when fresh news were added since the index was loaded or saved."""
+        return self._dirty
+
+    def save(self, index_dir: str | Path | None = None) -> Path:
+        """Persist the index with its fresh news (atomic); defaults to the folder it was loaded from."""
+        target = Path(index_dir) if index_dir is not None else self.index_dir
+        if target is None:
+            raise NewsrecError("no index folder to save to: pass index_dir")
+        with self._lock:
+            self.index.save(target)
+            self._dirty = False
+        return target
+
+    def stats(self) -> dict[str, Any]:
+        return {"news": self.index.count, "fresh_news": len(self._fresh_meta), "index_kind": self.index.kind,
+                "dim": self.index.dim, "reranker": self.reranker is not None,
+                "retrieve_k": self.serve_cfg.retrieve_k}
+
+
+def _index_of(names: list[str], name: str | None) -> int:
+    if not name:
+        return 0
+    try:
+        return names.index(name)
+    except ValueError:
+        return 0  # an unseen category is the "<unk>" category
+
+
+def _dataset_path(manifest: dict, model_dir: str | Path) -> str:
+    path = manifest.get("dataset", {}).get("path")
+    if not path or not Path(path).is_dir():
+        raise ArtifactError(f"{model_dir}: the dataset the model was trained on ({path or 'not recorded'}) "
+                            f"is not there; pass --data DIR")
+    return path
+
+
+def check_index_matches(index: NewsIndex, *, model_dir: Path, n_news: int, news_dim: int,
+                        index_dir: Path) -> None:
+    """ArtifactError unless INDEX_DIR was built from this model's news vectors over this dataset."""
+    if index.dim != news_dim:
+        raise ArtifactError(f"{index_dir}: index vectors are {index.dim}-d, the model's news vectors "
+                            f"{news_dim}-d; rebuild with `newsrec index --model {model_dir}`")
+    if index.base_news != n_news:
+        raise ArtifactError(f"{index_dir}: built over {index.base_news} news, the dataset has {n_news}; "
+                            f"rebuild with `newsrec index`")
+    want = index.manifest.get("model_json_sha256")
+    have = sha256_file(model_dir / "model.json") if (model_dir / "model.json").is_file() else None
+    if want and have and want != have:
+        raise ArtifactError(f"{index_dir}: built from another model (model.json sha256 differs); "
+                            f"rebuild with `newsrec index --model {model_dir}`")
+
+
+# ---------------------------------------------------------------------------- the `index` stage
+def index_news(model_dir: str | Path, *, data_dir: str | Path | None, out_dir: str | Path,
+               index_cfg: IndexConfig | None = None, batch_size: int | None = None) -> NewsIndex:
+    """``newsrec index``: encode every news of the artifact with the trained news encoder and
+    write INDEX_DIR (see ``newsrec.serve.index``). ``index_cfg`` defaults to the model's config."""
+    from newsrec.eval.evaluate import encode_all_news
+    from newsrec.models.io import check_compatible, load_model
+
+    model_dir = Path(model_dir)
+    loaded = load_model(model_dir)
+    data_dir = data_dir or _dataset_path(loaded.manifest, model_dir)
+    dataset = open_dataset(data_dir)
+    check_compatible(loaded.manifest, dataset)
+    cfg = index_cfg or loaded.config.index
+    news_vectors = encode_all_news(loaded.model, dataset, batch_size=batch_size or cfg.encode_batch_size,
+                                   device="cpu")  # [n_news + 1, D], row 0 = padding
+    vectors = news_vectors[1:].float().cpu().numpy()
+    keys = np.arange(1, dataset.n_news + 1, dtype=np.int64)
+    index = build_index(vectors, keys, cfg=cfg, base_news=dataset.n_news, manifest={
+        "model_dir": str(model_dir.resolve()),
+        "model_json_sha256": sha256_file(model_dir / "model.json"),
+        "dataset_dir": str(Path(data_dir).resolve()),
+    })
+    index.save(out_dir)
+    return index
