@@ -1,0 +1,873 @@
+"""Synthetic MIND-format data from a generative model with known click probabilities.
+
+``generate(out_dir, size=..., seed=...)`` writes ``MINDsynth_{train,dev,test}.zip`` (each holding
+``news.tsv``, ``behaviors.tsv``, ``entity_embedding.vec`` and ``relation_embedding.vec`` in MIND's
+exact format; test without labels) and ``ground_truth/`` (true click probabilities, labels of every
+split, user interests, news latents, the oracle's metrics).
+
+The world
+---------
+* A taxonomy: categories → subcategories → fine topics. Every level owns a word list; titles and
+  abstracts mix topic, subcategory and category words with shared words, so the text carries the
+  topic (as in MIND, where the title is the main signal). Entities belong to topics too.
+* News: ``n_old_news`` published before the first impression day (the pool user histories come
+  from) and ``news_per_day`` published on each of days 1..7. Popularity is Zipf-like within each
+  publishing day; it drives both exposure (how often a news is shown) and click-through.
+* Users: sparse interests — 1..3 categories, 1..3 subcategories within each, 1..2 topics within each
+  subcategory, each with a positive weight. A user's history (fixed for every impression, as in MIND)
+  is drawn from that interest model over the old pool, sorted oldest first; its length is
+  long-tailed (``sample_history_lengths``).
+* Impressions: train on days 1..5, dev on day 6, test on day 7. Candidates are drawn by exposure from
+  news published during the previous two days and the same day before the impression time, so dev
+  and test hold news never seen in train (cold start). Sizes are long-tailed, mean ~37, 2..300.
+
+The click model (per candidate)::
+
+    z     = bias + affinity(user, news) + popularity_scale * q(news) + freshness_scale * exp(-age_h / 24)
+    click = z + eta + logistic > 0,   eta ~ N(0, noise_std)  (hidden from the oracle)
+
+with ``affinity`` the sum of the user's weights for the news' category, subcategory and topic. The
+bias is calibrated so that ~4% of candidates are clicked; an impression where no draw clicks gets
+its highest draw clicked. The oracle scores a candidate by its true click probability
+``sigmoid(z / sqrt(1 + pi * noise_std^2 / 8))`` (the logistic–normal integral), which is what
+``ground_truth/`` holds and what ``oracle_metrics.json`` is computed from.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import zipfile
+from dataclasses import asdict, dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from newsrec.errors import NewsrecError
+from newsrec.utils.io import atomic_dir, atomic_path, write_json
+from newsrec.utils.progress import progress
+
+SPLIT_DAYS = {"train": (1, 2, 3, 4, 5), "dev": (6,), "test": (7,)}
+FIRST_DAY = date(2019, 11, 9)  # day 1; day 0 is the day before
+SECONDS_PER_DAY = 86_400
+ZIP_TIMESTAMP = (2019, 11, 20, 0, 0, 0)  # fixed so that the same seed gives byte-identical zips
+ENTITY_DIM = 100
+
+CATEGORY_NAMES = (
+    "news", "sports", "finance", "lifestyle", "health", "foodanddrink", "travel", "weather",
+    "autos", "entertainment", "music", "movies", "tv", "video", "kids", "northamerica",
+)
+SHARED_WORDS = (
+    "the", "a", "of", "to", "in", "for", "on", "with", "at", "by", "from", "and", "is", "are",
+    "after", "over", "new", "how", "why", "what", "this", "that", "his", "her", "their", "says",
+    "will", "about", "more", "than", "first", "just", "here", "could", "may", "best", "now",
+    "people", "year", "time", "day", "week", "two", "one", "back", "after", "out", "up", "get",
+)
+ENTITY_TYPES = ("P", "O", "G", "C", "U", "J", "F")
+_SYLLABLES = tuple(c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou"))
+# hour-of-day weights of impressions (more in the morning and evening, few at night)
+_HOUR_WEIGHTS = np.array([1, 0.6, 0.4, 0.3, 0.4, 0.8, 1.6, 2.6, 3.2, 3.2, 3.0, 2.9,
+                          2.9, 2.8, 2.8, 2.8, 2.9, 3.0, 3.2, 3.3, 3.2, 2.8, 2.2, 1.5])
+
+
+@dataclass(frozen=True)
+class SynthSize:
+    """How big the generated world is."""
+
+    name: str
+    n_users: int
+    n_old_news: int  # published before day 1: the pool user histories are drawn from
+    news_per_day: int  # published on each of days 1..7
+    train_impressions: int
+    dev_impressions: int
+    test_impressions: int
+    n_categories: int = 16
+    subcategories_per_category: tuple[int, int] = (3, 10)  # inclusive range
+    topics_per_subcategory: int = 4
+    max_history: int = 3000
+    max_candidates: int = 300  # per impression
+    chunk_impressions: int = 50_000  # impressions generated and written per step (bounds memory)
+
+    def impressions(self, split: str) -> int:
+        return {"train": self.train_impressions, "dev": self.dev_impressions,
+                "test": self.test_impressions}[split]
+
+
+SIZES: dict[str, SynthSize] = {
+    "tiny": SynthSize("tiny", n_users=300, n_old_news=200, news_per_day=60, train_impressions=2000,
+                      dev_impressions=600, test_impressions=600, n_categories=8,
+                      subcategories_per_category=(2, 4), topics_per_subcategory=3, max_candidates=100),
+    "small": SynthSize("small", n_users=50_000, n_old_news=25_000, news_per_day=3_500,
+                       train_impressions=150_000, dev_impressions=73_000, test_impressions=73_000),
+    "medium": SynthSize("medium", n_users=200_000, n_old_news=40_000, news_per_day=6_000,
+                        train_impressions=600_000, dev_impressions=120_000, test_impressions=120_000),
+    "large": SynthSize("large", n_users=700_000, n_old_news=55_000, news_per_day=6_500,
+                       train_impressions=2_200_000, dev_impressions=365_000, test_impressions=365_000),
+}
+
+
+@dataclass(frozen=True)
+class ClickModel:
+    """Coefficients of the click logit (see the module docstring)."""
+
+    category_scale: float = 0.9  # mean weight of an interest category
+    subcategory_scale: float = 1.1
+    topic_scale: float = 1.4
+    popularity_scale: float = 0.45  # per standard deviation of log popularity
+    freshness_scale: float = 0.5
+    noise_std: float = 1.0  # per (user, news) logit noise the oracle cannot see
+    click_rate: float = 0.04  # target share of clicked candidates, forced clicks included
+    zipf_exponent: float = 0.9
+    exposure_decay: tuple[float, float, float] = (1.0, 1.0, 0.6)  # weight by age in days 0, 1, 2
+    impression_size_median: float = 26.0
+    impression_size_sigma: float = 0.85
+    history_median: float = 20.0
+    history_sigma: float = 1.45
+    empty_history_share: float = 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# samplers
+
+
+def sample_history_lengths(rng: np.random.Generator, n: int, *, model: ClickModel = ClickModel(),
+                           max_len: int = 3000) -> np.ndarray:
+    """History lengths int64 [n]: log-normal (median ~20, p99 ≥ 500), a few empty, capped at max_len."""
+    lengths = np.floor(rng.lognormal(math.log(model.history_median), model.history_sigma, n))
+    lengths = np.clip(lengths, 1, max_len).astype(np.int64)
+    lengths[rng.random(n) < model.empty_history_share] = 0
+    return lengths
+
+
+def sample_impression_sizes(rng: np.random.Generator, n: int, *, model: ClickModel = ClickModel(),
+                            max_size: int = 300) -> np.ndarray:
+    """Candidates per impression int64 [n]: log-normal, mean ~37, clipped to 2..max_size."""
+    sizes = np.rint(rng.lognormal(math.log(model.impression_size_median), model.impression_size_sigma, n))
+    return np.clip(sizes, 2, max_size).astype(np.int64)
+
+
+class _WeightedGroups:
+    """Draw, for each requested group, one of its items with probability ∝ the item's weight."""
+
+    def __init__(self, group_of_item: np.ndarray, item_weights: np.ndarray, n_groups: int) -> None:
+        order = np.argsort(group_of_item, kind="stable")
+        self.items = order
+        self.cum = np.concatenate([[0.0], np.cumsum(item_weights[order], dtype=np.float64)])
+        counts = np.bincount(group_of_item, minlength=n_groups)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+
+    def nonempty(self, groups: np.ndarray) -> np.ndarray:
+        return self.offsets[groups + 1] > self.offsets[groups]
+
+    def draw(self, groups: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        """Item index [len(groups)]; every group must be non-empty."""
+        start, end = self.offsets[groups], self.offsets[groups + 1]
+        lo, hi = self.cum[start], self.cum[end]
+        pos = np.searchsorted(self.cum, lo + uniforms * (hi - lo), side="right") - 1
+        return self.items[np.clip(pos, start, end - 1)]
+
+
+def _dedupe_first(owner: np.ndarray, item: np.ndarray, n_items: int) -> np.ndarray:
+    """Mask keeping the first occurrence of each (owner, item) pair, in the given order."""
+    key = owner.astype(np.int64) * n_items + item
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    first = np.ones(len(key), dtype=bool)
+    first[1:] = sorted_key[1:] != sorted_key[:-1]
+    keep = np.empty(len(key), dtype=bool)
+    keep[order] = first
+    return keep
+
+
+def _rank_within(owner: np.ndarray, n_owners: int) -> np.ndarray:
+    """0-based position of each element within its owner's run (owner sorted ascending)."""
+    starts = np.searchsorted(owner, np.arange(n_owners))
+    return np.arange(len(owner)) - starts[owner]
+
+
+def _fill_unique(targets: np.ndarray, draw: Any, n_items: int, *, rounds: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """(owner, item) pairs sorted by owner, in draw order, no repeats, at most ``targets[owner]`` each.
+
+    ``draw(owner) -> (item, valid)`` draws one item per requested owner, with replacement; invalid
+    draws are dropped. Owners still short after a round draw again (popular items repeat often).
+    """
+    n = len(targets)
+    owner = np.empty(0, np.int64)
+    item = np.empty(0, np.int64)
+    need = targets.copy()
+    for _ in range(rounds):
+        extra = np.where(need > 0, np.ceil(need * 1.3).astype(np.int64) + 6, 0)
+        new_owner = np.repeat(np.arange(n), extra)
+        new_item, valid = draw(new_owner)
+        owner = np.concatenate([owner, new_owner[valid]])
+        item = np.concatenate([item, new_item[valid]])
+        order = np.argsort(owner, kind="stable")  # earlier rounds first within an owner
+        owner, item = owner[order], item[order]
+        keep = _dedupe_first(owner, item, n_items)
+        owner, item = owner[keep], item[keep]
+        keep = _rank_within(owner, n) < targets[owner]
+        owner, item = owner[keep], item[keep]
+        need = targets - np.bincount(owner, minlength=n)
+        if not need.any():
+            break
+    return owner, item
+
+
+# ---------------------------------------------------------------------------------------------
+# the world: taxonomy, words, news, users
+
+
+def _pseudo_words(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]:
+    words: list[str] = []
+    while len(words) < n:
+        n_syl = rng.integers(2, 4)
+        word = "".join(_SYLLABLES[i] for i in rng.integers(0, len(_SYLLABLES), n_syl))
+        if word not in taken:
+            taken.add(word)
+            words.append(word)
+    return words
+
+
+@dataclass
+class _World:
+    size: SynthSize
+    model: ClickModel
+    category_names: list[str]
+    subcategory_names: list[str]
+    subcategory_category: np.ndarray  # int64 [S]
+    topic_subcategory: np.ndarray  # int64 [T]
+    news_topic: np.ndarray  # int64 [N]
+    news_subcategory: np.ndarray
+    news_category: np.ndarray
+    news_day: np.ndarray  # publish day (<= 0 for the old pool)
+    news_time: np.ndarray  # publish time, seconds since day 0 00:00 (float64)
+    news_exposure: np.ndarray  # Zipf weight within the publishing day
+    news_popularity: np.ndarray  # standardised log exposure: the click-through latent
+    news_ids: np.ndarray  # object [N] "N12345"
+    news_rows: list[str] = field(default_factory=list)  # news.tsv lines without newline
+    news_entities: list[list[int]] = field(default_factory=list)
+    entity_ids: list[str] = field(default_factory=list)
+    entity_vectors: np.ndarray | None = None
+    user_ids: np.ndarray | None = None
+    user_group: np.ndarray | None = None  # 0 returning, 1 new in dev, 2 new in test
+    user_activity: np.ndarray | None = None
+    interest_user: np.ndarray | None = None  # int64 [E] sorted by key
+    interest_item: np.ndarray | None = None  # combined id: cat | K + sub | K + S + topic
+    interest_weight: np.ndarray | None = None
+    history_offsets: np.ndarray | None = None
+    history_news: np.ndarray | None = None
+    history_text: pl.Series | None = None
+    bias: float = 0.0  # calibrated logit bias (click rate ~ model.click_rate)
+
+    @property
+    def n_interest_items(self) -> int:
+        return len(self.category_names) + len(self.subcategory_names) + len(self.topic_subcategory)
+
+    def affinity(self, users: np.ndarray, news: np.ndarray) -> np.ndarray:
+        """Sum of the user's interest weights on the news' category, subcategory and topic."""
+        keys = self.interest_user * self.n_interest_items + self.interest_item
+        n_cat, n_sub = len(self.category_names), len(self.subcategory_names)
+        total = np.zeros(len(users), dtype=np.float64)
+        for item in (self.news_category[news], n_cat + self.news_subcategory[news],
+                     n_cat + n_sub + self.news_topic[news]):
+            query = users.astype(np.int64) * self.n_interest_items + item
+            pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+            total += np.where(keys[pos] == query, self.interest_weight[pos], 0.0)
+        return total
+
+
+def _build_taxonomy(rng: np.random.Generator, size: SynthSize) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    categories = list(CATEGORY_NAMES[: size.n_categories])
+    lo, hi = size.subcategories_per_category
+    n_subs = rng.integers(lo, hi + 1, len(categories))
+    subcategory_category = np.repeat(np.arange(len(categories)), n_subs)
+    taken: set[str] = set(SHARED_WORDS)
+    stems = _pseudo_words(rng, len(subcategory_category), taken)
+    subcategories = [f"{categories[c]}{stem}" for c, stem in zip(subcategory_category, stems)]
+    topic_subcategory = np.repeat(np.arange(len(subcategories)), size.topics_per_subcategory)
+    return categories, subcategories, subcategory_category, topic_subcategory
+
+
+def _build_news(rng: np.random.Generator, size: SynthSize, model: ClickModel, categories: list[str],
+                subcategory_category: np.ndarray, topic_subcategory: np.ndarray) -> dict[str, np.ndarray]:
+    n_news = size.n_old_news + 7 * size.news_per_day
+    day = np.concatenate([rng.integers(-13, 1, size.n_old_news),
+                          np.repeat(np.arange(1, 8), size.news_per_day)])
+    time = day * SECONDS_PER_DAY + rng.random(n_news) * SECONDS_PER_DAY
+    category_share = rng.dirichlet(np.full(len(categories), 2.0))
+    category = rng.choice(len(categories), n_news, p=category_share)
+    # a subcategory of the category, then a topic of the subcategory, uniformly
+    sub_groups = _WeightedGroups(subcategory_category, np.ones(len(subcategory_category)), len(categories))
+    subcategory = sub_groups.draw(category, rng.random(n_news))
+    topic_groups = _WeightedGroups(topic_subcategory, np.ones(len(topic_subcategory)), len(subcategory_category))
+    topic = topic_groups.draw(subcategory, rng.random(n_news))
+    # Zipf-like popularity within each publishing day (the old pool counts as one day)
+    exposure = np.empty(n_news)
+    pool_of = np.where(day <= 0, 0, day)
+    for pool in np.unique(pool_of):
+        members = np.flatnonzero(pool_of == pool)
+        ranks = rng.permutation(len(members)) + 1
+        exposure[members] = ranks.astype(np.float64) ** -model.zipf_exponent
+    log_exposure = np.log(exposure)
+    popularity = (log_exposure - log_exposure.mean()) / log_exposure.std()
+    ids = rng.choice(np.arange(1, 3 * n_news + 1), n_news, replace=False)
+    return {"day": day, "time": time, "category": category, "subcategory": subcategory,
+            "topic": topic, "exposure": exposure, "popularity": popularity,
+            "ids": np.array([f"N{i}" for i in ids], dtype=object)}
+
+
+class _Text:
+    """Titles, abstracts and entities of news, from the topic/subcategory/category word lists."""
+
+    def __init__(self, rng: np.random.Generator, n_categories: int, n_subcategories: int, n_topics: int,
+                 topic_subcategory: np.ndarray) -> None:
+        taken = set(SHARED_WORDS)
+        extra_shared = _pseudo_words(rng, 250, taken)
+        self.shared = list(dict.fromkeys(SHARED_WORDS)) + extra_shared
+        zipf = 1.0 / np.arange(1, len(self.shared) + 1) ** 0.8
+        self.shared_p = zipf / zipf.sum()
+        self.category_words = [_pseudo_words(rng, 12, taken) for _ in range(n_categories)]
+        self.subcategory_words = [_pseudo_words(rng, 12, taken) for _ in range(n_subcategories)]
+        self.topic_words = [_pseudo_words(rng, 8, taken) for _ in range(n_topics)]
+        # two entities per topic; their embeddings sit near a topic centroid
+        self.entity_topic = np.repeat(np.arange(n_topics), 2)
+        names = _pseudo_words(rng, 2 * len(self.entity_topic), taken)
+        self.entity_label = [f"{a.capitalize()} {b.capitalize()}" for a, b in zip(names[0::2], names[1::2])]
+        q_numbers = rng.choice(np.arange(100, 10 * len(self.entity_topic) + 100_000), len(self.entity_topic),
+                               replace=False)
+        self.entity_id = [f"Q{q}" for q in q_numbers]
+        self.entity_type = [ENTITY_TYPES[i] for i in rng.integers(0, len(ENTITY_TYPES), len(self.entity_topic))]
+        centroids = rng.normal(0, 0.08, (n_topics, ENTITY_DIM))
+        self.entity_vectors = centroids[self.entity_topic] + rng.normal(0, 0.03, (len(self.entity_topic), ENTITY_DIM))
+        self.topic_entities = _WeightedGroups(self.entity_topic, np.ones(len(self.entity_topic)), n_topics)
+
+    def words(self, rng: np.random.Generator, n_words: int, topic: int, subcategory: int, category: int,
+              shares: tuple[float, float, float]) -> list[str]:
+        source = rng.choice(4, n_words, p=[*shares, 1.0 - sum(shares)])
+        picks = rng.random(n_words)
+        shared = rng.choice(len(self.shared), n_words, p=self.shared_p)
+        out = []
+        for s, u, w in zip(source, picks, shared):
+            pool = (self.topic_words[topic], self.subcategory_words[subcategory],
+                    self.category_words[category], None)[s]
+            out.append(self.shared[w] if pool is None else pool[int(u * len(pool))])
+        return out
+
+    def entity_json(self, entity: int | None, text: str) -> str:
+        if entity is None:
+            return "[]"
+        label = self.entity_label[entity]
+        return json.dumps([{"Label": label, "Type": self.entity_type[entity], "WikidataId": self.entity_id[entity],
+                            "Confidence": 1.0 if entity % 3 else 0.998, "OccurrenceOffsets": [text.index(label)],
+                            "SurfaceForms": [label]}])
+
+
+def _compose(rng: np.random.Generator, text: _Text, n_words: int, topic: int, sub: int, cat: int,
+             shares: tuple[float, float, float], entity_share: float, quote_share: float) -> tuple[str, int | None]:
+    words = text.words(rng, n_words, topic, sub, cat, shares)
+    entity = None
+    if rng.random() < entity_share:
+        entity = int(text.topic_entities.draw(np.array([topic]), rng.random(1))[0])
+        words.insert(int(rng.integers(0, len(words) + 1)), text.entity_label[entity])
+    if len(words) > 4 and rng.random() < quote_share:
+        start = int(rng.integers(0, len(words) - 2))
+        stop = start + int(rng.integers(2, 4))
+        words[start] = '"' + words[start]
+        words[min(stop, len(words)) - 1] += '"'
+    sentence = " ".join(words)
+    return sentence[:1].upper() + sentence[1:], entity
+
+
+def _news_rows(rng: np.random.Generator, world: _World, text: _Text) -> tuple[list[str], list[list[int]]]:
+    n = len(world.news_ids)
+    title_lengths = np.clip(rng.poisson(10.5, n), 4, 24)
+    abstract_lengths = np.clip(rng.poisson(24, n), 6, 60)
+    url_codes = rng.integers(36 ** 5, 36 ** 6, n)
+    rows, entities = [], []
+    for i in progress(range(n), desc="news text", unit="news", total=n):
+        topic, sub, cat = int(world.news_topic[i]), int(world.news_subcategory[i]), int(world.news_category[i])
+        title, t_entity = _compose(rng, text, int(title_lengths[i]), topic, sub, cat, (0.3, 0.2, 0.1), 0.4, 0.12)
+        if rng.random() < 0.08:
+            abstract, a_entity = "", None
+        else:
+            abstract, a_entity = _compose(rng, text, int(abstract_lengths[i]), topic, sub, cat,
+                                          (0.15, 0.12, 0.08), 0.5, 0.05)
+        url = f"https://assets.msn.com/labs/mind/AA{np.base_repr(int(url_codes[i]), 36)}.html"
+        rows.append("\t".join((world.news_ids[i], world.category_names[cat], world.subcategory_names[sub],
+                               title, abstract, url, text.entity_json(t_entity, title),
+                               text.entity_json(a_entity, abstract))))
+        entities.append(sorted({e for e in (t_entity, a_entity) if e is not None}))
+    return rows, entities
+
+
+def _build_users(rng: np.random.Generator, world: _World) -> None:
+    size, model = world.size, world.model
+    n_users = size.n_users
+    ids = rng.choice(np.arange(1, 3 * n_users + 1), n_users, replace=False)
+    world.user_ids = np.array([f"U{i}" for i in ids], dtype=object)
+    world.user_group = rng.choice(3, n_users, p=[0.8, 0.1, 0.1]).astype(np.int8)
+    world.user_activity = rng.lognormal(0.0, 1.0, n_users)
+    n_cat, n_sub = len(world.category_names), len(world.subcategory_names)
+    # categories: 1..3 per user, without replacement, favouring popular categories (Gumbel top-k)
+    category_share = np.bincount(world.news_category, minlength=n_cat) + 1.0
+    n_chosen = 1 + rng.binomial(2, 0.3, n_users)
+    keys = np.log(category_share / category_share.sum())[None, :] + rng.gumbel(size=(n_users, n_cat))
+    rank = np.argsort(np.argsort(-keys, axis=1), axis=1)
+    cat_user, cat_item = np.nonzero(rank < n_chosen[:, None])
+    # subcategories: 1..3 per chosen category; topics: 1..2 per chosen subcategory (duplicates merged)
+    sub_groups = _WeightedGroups(world.subcategory_category, np.ones(n_sub), n_cat)
+    sub_user, sub_item = _pick_children(rng, cat_user, cat_item, sub_groups, (0.5, 0.35, 0.15), n_sub)
+    n_topics = len(world.topic_subcategory)
+    topic_groups = _WeightedGroups(world.topic_subcategory, np.ones(n_topics), n_sub)
+    top_user, top_item = _pick_children(rng, sub_user, sub_item, topic_groups, (0.6, 0.4), n_topics)
+    user = np.concatenate([cat_user, sub_user, top_user]).astype(np.int64)
+    item = np.concatenate([cat_item, n_cat + sub_item, n_cat + n_sub + top_item]).astype(np.int64)
+    scale = np.concatenate([np.full(len(cat_user), model.category_scale),
+                            np.full(len(sub_user), model.subcategory_scale),
+                            np.full(len(top_user), model.topic_scale)])
+    weight = scale * rng.gamma(2.0, 0.5, len(user))
+    order = np.argsort(user * world.n_interest_items + item, kind="stable")
+    world.interest_user, world.interest_item, world.interest_weight = user[order], item[order], weight[order]
+
+
+def _pick_children(rng: np.random.Generator, parent_user: np.ndarray, parent_item: np.ndarray,
+                   children: _WeightedGroups, count_p: tuple[float, ...], n_children: int) -> tuple[np.ndarray, np.ndarray]:
+    counts = rng.choice(len(count_p), len(parent_user), p=count_p) + 1
+    owner = np.repeat(np.arange(len(parent_user)), counts)
+    child = children.draw(parent_item[owner], rng.random(len(owner)))
+    user = parent_user[owner]
+    keep = _dedupe_first(user, child, n_children)
+    return user[keep], child[keep]
+
+
+def _build_histories(rng: np.random.Generator, world: _World) -> None:
+    """Each user's clicks before day 1, drawn from their interests over the old pool, oldest first."""
+    size, model = world.size, world.model
+    old = np.flatnonzero(world.news_day <= 0)
+    lengths = sample_history_lengths(rng, size.n_users, model=model, max_len=min(size.max_history, len(old)))
+    n_cat, n_sub = len(world.category_names), len(world.subcategory_names)
+    level_of_item = np.where(world.interest_item < n_cat, 0, np.where(world.interest_item < n_cat + n_sub, 1, 2))
+    news_group = (world.news_category[old], world.news_subcategory[old], world.news_topic[old])
+    level_offset = (0, n_cat, n_cat + n_sub)
+    level_news = [_WeightedGroups(g, world.news_exposure[old], n) for g, n in
+                  zip(news_group, (n_cat, n_sub, len(world.topic_subcategory)))]
+    level_interest = []
+    for level in range(3):
+        rows = np.flatnonzero(level_of_item == level)
+        level_interest.append((rows, _WeightedGroups(world.interest_user[rows], world.interest_weight[rows],
+                                                     size.n_users)))
+    global_news = _WeightedGroups(np.zeros(len(old), dtype=np.int64), world.news_exposure[old], 1)
+
+    def draw(owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # mixture: category 15%, subcategory 25%, topic 40% of the user's interests; 20% anything popular
+        source = rng.choice(4, len(owner), p=[0.15, 0.25, 0.4, 0.2])
+        picked = global_news.draw(np.zeros(len(owner), dtype=np.int64), rng.random(len(owner)))
+        for level in range(3):
+            rows, interests = level_interest[level]
+            sel = np.flatnonzero(source == level)
+            sel = sel[interests.nonempty(owner[sel])]
+            entry = rows[interests.draw(owner[sel], rng.random(len(sel)))]
+            group = world.interest_item[entry] - level_offset[level]
+            has_news = level_news[level].nonempty(group)
+            sel, group = sel[has_news], group[has_news]
+            picked[sel] = level_news[level].draw(group, rng.random(len(sel)))
+        return picked, np.ones(len(owner), dtype=bool)
+
+    owner, picked = _fill_unique(lengths, draw, len(old))
+    news = old[picked]
+    order = np.lexsort((world.news_time[news], owner))  # per user, oldest first
+    owner, news = owner[order], news[order]
+    world.history_offsets = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=size.n_users))])
+    world.history_news = news
+    world.history_text = _join_ids(world, news, world.history_offsets, None)
+
+
+def _join_ids(world: _World, news: np.ndarray, offsets: np.ndarray, labels: np.ndarray | None) -> pl.Series:
+    """One space-joined string per CSR row: ``N1 N2`` or ``N1-1 N2-0`` when labels are given."""
+    tokens = pl.Series(world.news_ids, dtype=pl.String).gather(news)
+    if labels is not None:
+        tokens = tokens + pl.Series(np.where(labels, "-1", "-0"), dtype=pl.String)
+    values = tokens.to_arrow().cast(pa.large_string())
+    lists = pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()), values)
+    return pl.Series(lists).list.join(" ")
+
+
+def _build_world(size: SynthSize, model: ClickModel, seed: int) -> _World:
+    rng = np.random.default_rng([seed, 1])
+    categories, subcategories, subcategory_category, topic_subcategory = _build_taxonomy(rng, size)
+    news = _build_news(rng, size, model, categories, subcategory_category, topic_subcategory)
+    world = _World(size=size, model=model, category_names=categories, subcategory_names=subcategories,
+                   subcategory_category=subcategory_category, topic_subcategory=topic_subcategory,
+                   news_topic=news["topic"], news_subcategory=news["subcategory"], news_category=news["category"],
+                   news_day=news["day"], news_time=news["time"], news_exposure=news["exposure"],
+                   news_popularity=news["popularity"], news_ids=news["ids"])
+    text = _Text(np.random.default_rng([seed, 2]), len(categories), len(subcategories), len(topic_subcategory),
+                 topic_subcategory)
+    world.news_rows, world.news_entities = _news_rows(np.random.default_rng([seed, 3]), world, text)
+    world.entity_ids, world.entity_vectors = text.entity_id, text.entity_vectors
+    _build_users(np.random.default_rng([seed, 4]), world)
+    _build_histories(np.random.default_rng([seed, 5]), world)
+    return world
+
+
+# ---------------------------------------------------------------------------------------------
+# impressions and clicks
+
+
+@dataclass
+class _Chunk:
+    """A block of impressions in CSR form: impression i owns candidates ``[offsets[i], offsets[i+1])``."""
+
+    user: np.ndarray  # int64 [n]
+    time: np.ndarray  # int64 [n] seconds since day 0 00:00
+    offsets: np.ndarray  # int64 [n + 1]
+    news: np.ndarray  # int64 [m] candidate news, in the shown (random) order
+    base_logit: np.ndarray  # float64 [m] visible logit without the bias
+    hidden_noise: np.ndarray  # float64 [m] eta + logistic draw: what the oracle cannot see
+
+    def clicks(self, bias: float) -> np.ndarray:
+        """Clicked bool [m]; an impression with no positive draw gets its highest draw clicked."""
+        draw = self.base_logit + bias + self.hidden_noise
+        clicked = draw > 0
+        starts = self.offsets[:-1]
+        any_click = np.logical_or.reduceat(clicked, starts)
+        best = np.maximum.reduceat(draw, starts)
+        owner = np.repeat(np.arange(len(starts)), np.diff(self.offsets))
+        forced = ~any_click[owner] & (draw == best[owner])
+        return clicked | forced
+
+
+class _Impressions:
+    """Draws impressions of a split: who, when, which candidates, and their click logits."""
+
+    def __init__(self, world: _World) -> None:
+        self.world = world
+        decay = world.model.exposure_decay
+        pool, members, weights = [], [], []
+        for day in range(1, 8):
+            for age, factor in enumerate(decay):
+                news = np.flatnonzero(world.news_day == day - age)
+                pool.append(np.full(len(news), day))
+                members.append(news)
+                weights.append(world.news_exposure[news] * factor)
+        self.pool_news = np.concatenate(members)
+        self.pools = _WeightedGroups(np.concatenate(pool), np.concatenate(weights), 8)
+        # candidates per impression on each day: at most half of that day's pool
+        pool_sizes = np.array([np.sum((world.news_day <= d) & (world.news_day >= d - 2)) for d in range(8)])
+        self.max_size = np.clip(pool_sizes // 2, 2, world.size.max_candidates)
+        self.users = _WeightedGroups(world.user_group.astype(np.int64), world.user_activity, 3)
+        self.hour_p = _HOUR_WEIGHTS / _HOUR_WEIGHTS.sum()
+
+    def _candidates(self, day: np.ndarray, time: np.ndarray, sizes: np.ndarray,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(impression, news) pairs: drawn by exposure, published before the impression, no repeats."""
+
+        def draw(owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            news = self.pool_news[self.pools.draw(day[owner], rng.random(len(owner)))]
+            return news, self.world.news_time[news] <= time[owner]
+
+        return _fill_unique(sizes, draw, len(self.world.news_ids))
+
+    def user_groups(self, split: str) -> np.ndarray:
+        """Share of impressions from returning users and from users new in dev / new in test."""
+        return {"train": np.array([1.0, 0.0, 0.0]), "dev": np.array([0.85, 0.15, 0.0]),
+                "test": np.array([0.72, 0.06, 0.22])}[split]
+
+    def draw(self, split: str, n: int, rng: np.random.Generator) -> _Chunk:
+        world, model = self.world, self.world.model
+        group = rng.choice(3, n, p=self.user_groups(split))
+        user = self.users.draw(group, rng.random(n))
+        day = rng.choice(np.array(SPLIT_DAYS[split]), n)
+        seconds = rng.choice(24, n, p=self.hour_p) * 3600 + rng.integers(0, 3600, n)
+        time = day.astype(np.int64) * SECONDS_PER_DAY + seconds
+        sizes = np.minimum(sample_impression_sizes(rng, n, model=model, max_size=world.size.max_candidates),
+                           self.max_size[day])
+        owner, news = self._candidates(day, time, sizes, rng)
+        counts = np.bincount(owner, minlength=n)
+        ok = counts >= 2  # rare: an early-morning impression whose pool ran short
+        if not ok.all():
+            keep_news = ok[owner]
+            owner, news = np.cumsum(ok)[owner[keep_news]] - 1, news[keep_news]
+            user, time, counts = user[ok], time[ok], counts[ok]
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        age_hours = (time[owner] - world.news_time[news]) / 3600.0
+        base = (world.affinity(user[owner], news) + model.popularity_scale * world.news_popularity[news]
+                + model.freshness_scale * np.exp(-age_hours / 24.0))
+        noise = rng.normal(0.0, model.noise_std, len(news)) + rng.logistic(0.0, 1.0, len(news))
+        return _Chunk(user=user, time=time, offsets=offsets, news=news, base_logit=base, hidden_noise=noise)
+
+
+def oracle_probability(logit: np.ndarray, noise_std: float) -> np.ndarray:
+    """P(click) given the visible logit, integrating the hidden normal noise (probit approximation)."""
+    return 1.0 / (1.0 + np.exp(-logit / math.sqrt(1.0 + math.pi * noise_std ** 2 / 8.0)))
+
+
+def _calibrate_bias(impressions: _Impressions, seed: int, target_rate: float, n_pilot: int) -> float:
+    """The logit bias whose click rate (forced clicks included) on a pilot sample is ``target_rate``."""
+    pilot = impressions.draw("train", n_pilot, np.random.default_rng([seed, 6]))
+    lo, hi = -20.0, 5.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if pilot.clicks(mid).mean() > target_rate:
+            hi = mid
+        else:
+            lo = mid
+    return 0.5 * (lo + hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _time_tables() -> tuple[pl.Series, pl.Series]:
+    """MIND time text: date per day index 0..8 and ``h:mm:ss AM`` per second of the day."""
+    dates = [FIRST_DAY + timedelta(days=d - 1) for d in range(9)]
+    date_text = pl.Series([f"{d.month}/{d.day}/{d.year}" for d in dates], dtype=pl.String)
+    clock = []
+    for s in range(SECONDS_PER_DAY):
+        hour, minute, second = s // 3600, s // 60 % 60, s % 60
+        clock.append(f"{hour % 12 or 12}:{minute:02d}:{second:02d} {'AM' if hour < 12 else 'PM'}")
+    return date_text, pl.Series(clock, dtype=pl.String)
+
+
+def _zip_member(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=ZIP_TIMESTAMP)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    # the level attribute is `_compresslevel` before Python 3.13, `compress_level` after
+    setattr(info, "compress_level" if hasattr(info, "compress_level") else "_compresslevel", 6)
+    info.external_attr = 0o100644 << 16  # a regular file, rw-r--r--
+    return info
+
+
+@dataclass
+class _SplitResult:
+    impressions: int = 0
+    candidates: int = 0
+    clicks: int = 0
+    impression_ids: list[np.ndarray] = field(default_factory=list)
+    chunks: list[tuple[_Chunk, np.ndarray]] = field(default_factory=list)  # kept for dev/test only
+    shown_news: np.ndarray | None = None  # bool [N] news among this split's candidates
+    referenced_news: np.ndarray | None = None  # bool [N] news in this split's news.tsv
+
+
+def _write_split(out_dir: Path, split: str, world: _World, impressions: _Impressions, bias: float, seed: int,
+                 time_text: tuple[pl.Series, pl.Series], bar: Any) -> _SplitResult:
+    size = world.size
+    n_total = size.impressions(split)
+    labelled = split != "test"
+    result = _SplitResult(shown_news=np.zeros(len(world.news_ids), bool),
+                          referenced_news=np.zeros(len(world.news_ids), bool))
+    users_seen = np.zeros(size.n_users, bool)
+    date_text, clock_text = time_text
+    user_text = pl.Series(world.user_ids, dtype=pl.String)
+    split_code = {"train": 0, "dev": 1, "test": 2}[split]
+    with atomic_path(out_dir / f"MINDsynth_{split}.zip") as tmp:
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:
+            with archive.open(_zip_member("behaviors.tsv"), "w", force_zip64=n_total > 1_000_000) as fh:
+                for chunk_index, start in enumerate(range(0, n_total, size.chunk_impressions)):
+                    n = min(size.chunk_impressions, n_total - start)
+                    chunk = impressions.draw(split, n, np.random.default_rng([seed, 7, split_code, chunk_index]))
+                    clicked = chunk.clicks(bias)
+                    first_id = result.impressions + 1
+                    ids = np.arange(first_id, first_id + len(chunk.user), dtype=np.int64)
+                    day, second = chunk.time // SECONDS_PER_DAY, chunk.time % SECONDS_PER_DAY
+                    frame = pl.DataFrame({
+                        "impression_id": ids,
+                        "user_id": user_text.gather(chunk.user),
+                        "time": date_text.gather(day) + " " + clock_text.gather(second),
+                        "history": world.history_text.gather(chunk.user),
+                        "impressions": _join_ids(world, chunk.news, chunk.offsets, clicked if labelled else None),
+                    })
+                    buffer = io.BytesIO()
+                    frame.write_csv(buffer, include_header=False, separator="\t", quote_style="never",
+                                    line_terminator="\n")
+                    fh.write(buffer.getvalue())
+                    result.impressions += len(ids)
+                    result.candidates += len(chunk.news)
+                    result.clicks += int(clicked.sum())
+                    result.shown_news[chunk.news] = True
+                    users_seen[chunk.user] = True
+                    if split != "train":
+                        result.impression_ids.append(ids)
+                        result.chunks.append((chunk, clicked))
+                    bar.update(n)
+            history_owner_seen = np.repeat(users_seen, np.diff(world.history_offsets))
+            result.referenced_news[world.history_news[history_owner_seen]] = True
+            result.referenced_news |= result.shown_news
+            listed = np.flatnonzero(result.referenced_news)
+            archive.writestr(_zip_member("news.tsv"), "".join(world.news_rows[i] + "\n" for i in listed))
+            entities = sorted({e for i in listed for e in world.news_entities[i]})
+            archive.writestr(_zip_member("entity_embedding.vec"), "".join(
+                world.entity_ids[e] + "\t" + "\t".join(f"{v:.6f}" for v in world.entity_vectors[e]) + "\n"
+                for e in entities))
+            archive.writestr(_zip_member("relation_embedding.vec"), _relation_vectors(seed))
+    return result
+
+
+def _relation_vectors(seed: int) -> str:
+    rng = np.random.default_rng([seed, 8])
+    relations = ("P31", "P279", "P17", "P131", "P106", "P27", "P54", "P641", "P136", "P495", "P361", "P150")
+    vectors = rng.normal(0, 0.08, (len(relations), ENTITY_DIM))
+    return "".join(r + "\t" + "\t".join(f"{v:.6f}" for v in vec) + "\n" for r, vec in zip(relations, vectors))
+
+
+def _truth_frame(world: _World, result: _SplitResult) -> tuple[pl.DataFrame, dict[str, np.ndarray]]:
+    chunks = [c for c, _ in result.chunks]
+    offsets = [np.array([0], np.int64)]
+    for chunk in chunks:
+        offsets.append(chunk.offsets[1:] + offsets[-1][-1])
+    arrays = {
+        "offsets": np.concatenate(offsets),
+        "news": np.concatenate([c.news for c in chunks]),
+        "probability": np.concatenate([oracle_probability(c.base_logit + world.bias, world.model.noise_std)
+                                       for c in chunks]).astype(np.float32),
+        "label": np.concatenate([clicked for _, clicked in result.chunks]).astype(np.int8),
+        "user": np.concatenate([c.user for c in chunks]),
+    }
+    offs = pa.array(arrays["offsets"], type=pa.int64())
+
+    def lists(values: pa.Array) -> pl.Series:
+        return pl.Series(pa.LargeListArray.from_arrays(offs, values))
+
+    frame = pl.DataFrame({
+        "impression_id": np.concatenate(result.impression_ids),
+        "user_id": pl.Series(world.user_ids, dtype=pl.String).gather(arrays["user"]),
+        "candidates": lists(pl.Series(world.news_ids, dtype=pl.String).gather(arrays["news"]).to_arrow()
+                            .cast(pa.large_string())),
+        "probability": lists(pa.array(arrays["probability"])),
+        "label": lists(pa.array(arrays["label"])),
+    })
+    return frame, arrays
+
+
+def _users_frame(world: _World) -> pl.DataFrame:
+    n_cat, n_sub = len(world.category_names), len(world.subcategory_names)
+    names = np.array(world.category_names + world.subcategory_names
+                     + [f"{world.subcategory_names[s]}/{i % world.size.topics_per_subcategory}"
+                        for i, s in enumerate(world.topic_subcategory)], dtype=object)
+    level = np.where(world.interest_item < n_cat, "category",
+                     np.where(world.interest_item < n_cat + n_sub, "subcategory", "topic"))
+    interests = pl.DataFrame({"user": world.interest_user, "level": level,
+                              "interest": names[world.interest_item].astype(str),
+                              "weight": world.interest_weight.astype(np.float32)})
+    per_user = interests.group_by("user", maintain_order=True).agg(
+        pl.col("level").alias("interest_level"), pl.col("interest"), pl.col("weight").alias("interest_weight"))
+    users = pl.DataFrame({
+        "user": np.arange(world.size.n_users),
+        "user_id": world.user_ids.astype(str),
+        "kind": np.array(["returning", "new_in_dev", "new_in_test"])[world.user_group],
+        "activity": world.user_activity.astype(np.float32),
+        "history_len": np.diff(world.history_offsets).astype(np.int32),
+    })
+    return users.join(per_user, on="user", how="left").sort("user").drop("user")
+
+
+def _news_frame(world: _World, splits: dict[str, _SplitResult]) -> pl.DataFrame:
+    day_zero = np.datetime64(FIRST_DAY - timedelta(days=1), "us")
+    return pl.DataFrame({
+        "news_id": world.news_ids.astype(str),
+        "category": np.array(world.category_names, dtype=object)[world.news_category].astype(str),
+        "subcategory": np.array(world.subcategory_names, dtype=object)[world.news_subcategory].astype(str),
+        "topic": world.news_topic.astype(np.int32),
+        "publish_time": day_zero + (world.news_time * 1e6).astype("timedelta64[us]"),
+        "popularity": world.news_popularity.astype(np.float32),
+        "exposure_weight": world.news_exposure.astype(np.float32),
+        **{f"in_{split}": result.referenced_news for split, result in splits.items()},
+    })
+
+
+_GROUND_TRUTH_README = """Ground truth of a generated MIND-format data set (newsrec synth).
+
+{split}_truth.parquet   one row per {split} impression, in file order: impression_id, user_id,
+                        candidates (as listed), probability (true click probability of each
+                        candidate, hidden noise integrated out), label (the sampled click; for test
+                        these are the labels the test zip leaves out, to score a submission locally)
+users.parquet           user_id, kind (returning / new_in_dev / new_in_test), activity, history_len,
+                        interest_level / interest / interest_weight (the sparse interests)
+news.parquet            news_id, category, subcategory, topic, publish_time, popularity (the
+                        click-through latent), exposure_weight, in_<split> (listed in that news.tsv)
+oracle_metrics.json     AUC / MRR / nDCG@5 / nDCG@10 of ranking by the true probability, dev and test
+summary.json            sizes, click rates, history lengths, cold-start shares, the click model
+"""
+
+
+def resolve_size(size: str | SynthSize) -> SynthSize:
+    """A named size (tiny, small, medium, large) or a custom ``SynthSize``."""
+    if isinstance(size, SynthSize):
+        return size
+    if size not in SIZES:
+        raise NewsrecError(f"synth: unknown size {size!r} (valid: {', '.join(SIZES)})")
+    return SIZES[size]
+
+
+def generate(out_dir: str | Path, *, size: str | SynthSize = "small", seed: int = 0,
+             model: ClickModel = ClickModel()) -> dict[str, Any]:
+    """Write ``MINDsynth_{train,dev,test}.zip`` and ``ground_truth/`` into ``out_dir``.
+
+    Returns a summary: counts per split, click rates, history-length quantiles, cold-start shares and
+    ``oracle`` = {"dev": metrics, "test": metrics} (``newsrec.eval.metrics.compute_metrics`` of the
+    true probabilities). The same seed gives byte-identical zips.
+    """
+    from newsrec.eval.metrics import compute_metrics
+
+    spec = resolve_size(size)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise NewsrecError(f"synth: seed={seed!r} must be a non-negative integer")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    world = _build_world(spec, model, seed)
+    impressions = _Impressions(world)
+    world.bias = _calibrate_bias(impressions, seed, model.click_rate, min(spec.train_impressions, 20_000))
+    time_text = _time_tables()
+    results: dict[str, _SplitResult] = {}
+    total = sum(spec.impressions(s) for s in SPLIT_DAYS)
+    with progress(total=total, desc="synth impressions", unit="imp") as bar:
+        for split in SPLIT_DAYS:
+            bar.set_postfix_str(split)
+            results[split] = _write_split(out_dir, split, world, impressions, world.bias, seed, time_text, bar)
+
+    train_news = results["train"].referenced_news
+    oracle: dict[str, dict[str, Any]] = {}
+    summary_splits: dict[str, dict[str, Any]] = {}
+    with atomic_dir(out_dir / "ground_truth") as truth_dir:
+        for split, result in results.items():
+            info = {"impressions": result.impressions, "candidates": result.candidates,
+                    "clicks": result.clicks, "click_rate": result.clicks / max(result.candidates, 1),
+                    "mean_candidates": result.candidates / max(result.impressions, 1),
+                    "news_listed": int(result.referenced_news.sum())}
+            if split != "train":
+                frame, arrays = _truth_frame(world, result)
+                frame.write_parquet(truth_dir / f"{split}_truth.parquet")
+                oracle[split] = compute_metrics(arrays["label"], arrays["probability"], arrays["offsets"])
+                cold = ~train_news[arrays["news"]]
+                info["cold_candidate_share"] = float(cold.mean())
+                info["cold_news"] = int(np.unique(arrays["news"][cold]).size)
+                info["new_user_share"] = float(np.mean(world.user_group[arrays["user"]] > 0))
+            summary_splits[split] = info
+        _users_frame(world).write_parquet(truth_dir / "users.parquet")
+        _news_frame(world, results).write_parquet(truth_dir / "news.parquet")
+        history_lengths = np.diff(world.history_offsets)
+        summary = {
+            "size": spec.name, "seed": seed, "out_dir": str(out_dir),
+            "zips": {split: str(out_dir / f"MINDsynth_{split}.zip") for split in SPLIT_DAYS},
+            "ground_truth": str(out_dir / "ground_truth"),
+            "users": spec.n_users, "news": len(world.news_ids),
+            "categories": len(world.category_names), "subcategories": len(world.subcategory_names),
+            "topics": len(world.topic_subcategory),
+            "history_len": {"median": float(np.median(history_lengths)),
+                            "p99": float(np.percentile(history_lengths, 99)),
+                            "max": int(history_lengths.max()),
+                            "empty_share": float(np.mean(history_lengths == 0))},
+            "splits": summary_splits,
+            "oracle": oracle,
+            "click_model": {**asdict(model), "bias": world.bias},
+            "size_spec": asdict(spec),
+        }
+        write_json(truth_dir / "oracle_metrics.json", {**oracle, "click_model": summary["click_model"]})
+        write_json(truth_dir / "summary.json", summary)
+        (truth_dir / "README.txt").write_text(_GROUND_TRUTH_README.replace("{split}", "<split>"), encoding="utf-8")
+    return summary
