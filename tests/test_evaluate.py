@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 
 import numpy as np
 import polars as pl
@@ -196,3 +197,74 @@ def test_metrics_of_fast_scores(artifact):
     m = compute_metrics(imps.labels, scores, imps.candidate_offsets)
     assert m["impressions"] == len(imps)
     assert 0.0 <= m["auc"] <= 1.0
+
+
+# ---- the stages through the CLI, on the hand-made artifact and a tiny saved model
+@pytest.fixture(scope="module")
+def model_dir(artifact, tmp_path_factory):
+    from newsrec.models.io import save_model
+    out = tmp_path_factory.mktemp("models") / "m"
+    save_model(out, _real_model(artifact), tiny_config(), dataset=artifact)
+    return out
+
+
+def test_evaluate_cli_writes_metrics_json_and_table(artifact, model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from newsrec.cli import main
+    from newsrec.models.io import load_model
+
+    out = tmp_path / "metrics.json"
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(model_dir), "--data", str(artifact.root),
+                                       "--out", str(out), "--check-slow", "5", "--no-mlflow"])
+    assert result.exit_code == 0, result.output
+    assert "history 50-199" in result.output and "unseen news" in result.output
+    assert "fast path == full model on 5 impressions" in result.output
+    text = out.read_text()
+    assert "NaN" not in text  # strict JSON: undefined metrics are null
+    metrics = json.loads(text)
+    for key in ("auc", "mrr", "ndcg@5", "ndcg@10"):
+        assert isinstance(metrics[key], float)
+    assert metrics["impressions"] == 30 and isinstance(metrics["impressions"], int)
+    # independent recomputation from the slow path on every impression
+    loaded = load_model(model_dir)
+    imps = artifact.impressions("dev")
+    slow = score_impressions_slow(loaded.model, artifact, imps, np.arange(len(imps)), history_len=50)
+    want = compute_metrics(imps.labels, slow, imps.candidate_offsets)
+    assert metrics["auc"] == pytest.approx(want["auc"], abs=1e-6)
+    assert metrics["ndcg@10"] == pytest.approx(want["ndcg@10"], abs=1e-6)
+    # breakdowns partition the impressions; unseen = news 51..60 (never in train)
+    assert sum(b["impressions"] for b in metrics["breakdown"]["history"].values()) == 30
+    cands = metrics["breakdown"]["candidates"]
+    assert cands["unseen"]["candidates"] == int((imps.candidates > 50).sum())
+    assert cands["seen"]["candidates"] + cands["unseen"]["candidates"] == len(imps.candidates)
+
+
+def test_evaluate_refuses_unlabelled_split(artifact, model_dir):
+    from click.testing import CliRunner
+
+    from newsrec.cli import main
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(model_dir), "--data", str(artifact.root),
+                                       "--split", "test", "--no-mlflow"])
+    assert result.exit_code == 1
+    assert "split 'test' has no labels" in result.output
+
+
+@pytest.mark.parametrize("split", ["test", "dev"])
+def test_submit_cli_writes_a_valid_zip_and_checks_it(artifact, model_dir, tmp_path, split):
+    from click.testing import CliRunner
+
+    from newsrec.cli import main
+    out = tmp_path / "prediction.zip"
+    runner = CliRunner()
+    result = runner.invoke(main, ["submit", "--model", str(model_dir), "--data", str(artifact.root),
+                                  "--split", split, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert ("local metrics" in result.output) == (split == "dev")
+    check = runner.invoke(main, ["submit", "--check", str(out), "--data", str(artifact.root), "--split", split])
+    assert check.exit_code == 0, check.output
+    assert "valid (" in check.output
+    # a file for the other split fails with a line number
+    other = "dev" if split == "test" else "test"
+    bad = runner.invoke(main, ["submit", "--check", str(out), "--data", str(artifact.root), "--split", other])
+    assert bad.exit_code == 1 and "prediction.txt:1:" in bad.output
