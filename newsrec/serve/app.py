@@ -16,7 +16,7 @@ ids → 422 naming them (or dropped with ``"ignore_unknown": true`` / ``serve.ig
 a body larger than ``serve.max_body_bytes`` → 413; a duplicate fresh news id → 409. Every error
 answers ``{"detail": "<one line>"}``; an unexpected failure answers 500 and the service keeps serving.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI must see the request models built in create_app.
 
 import contextlib
 import logging
@@ -127,10 +127,6 @@ class ServiceMetrics:
 
 
 # ---------------------------------------------------------------------------- body size limit
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimitMiddleware:
     """413 for bodies over ``max_bytes`` — by Content-Length up front, or while streaming when the
     client sends none (chunked), so an oversized body is never held in memory."""
@@ -155,27 +151,31 @@ class BodyLimitMiddleware:
                 return
         received = 0
         started = False
+        answered = False  # our 413 went out; the app's own answer is then dropped
 
         async def limited_receive() -> dict:
-            nonlocal received
+            nonlocal received, answered
+            if answered:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyTooLarge
+                    if not started:
+                        await _send_json(send, 413, f"request body exceeds serve.max_body_bytes={self.max_bytes}")
+                        answered = True
+                    return {"type": "http.disconnect"}  # the app stops reading, never sees the rest
             return message
 
         async def tracking_send(message: dict) -> None:
             nonlocal started
+            if answered:
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await _send_json(send, 413, f"request body exceeds serve.max_body_bytes={self.max_bytes}")
+        await self.app(scope, limited_receive, tracking_send)
 
 
 async def _send_json(send: Any, status: int, detail: str) -> None:
@@ -208,6 +208,7 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
     cfg = serve_cfg or service.serve_cfg
     RecommendRequest, NewsRequest = _request_models(cfg)
     metrics = ServiceMetrics(cfg.latency_window)
+    known_paths: set[str] = set()  # filled once the routes exist; unknown paths count as "unmatched"
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -221,6 +222,9 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
     app.state.service = service
     app.state.metrics = metrics
 
+    # inner to the counters below, so refused bodies (413) are counted too
+    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
+
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Any:
         started = time.perf_counter()
@@ -231,10 +235,9 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
             return response
         finally:
             route = request.scope.get("route")
-            endpoint = f"{request.method} {getattr(route, 'path', 'unmatched')}"
-            metrics.record(endpoint, status, time.perf_counter() - started)
-
-    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
+            path = getattr(route, "path", None) or (
+                request.url.path if request.url.path in known_paths else "unmatched")
+            metrics.record(f"{request.method} {path}", status, time.perf_counter() - started)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -301,4 +304,5 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
     def get_metrics() -> dict[str, Any]:
         return metrics.snapshot()
 
+    known_paths.update(getattr(route, "path", "") for route in app.routes)
     return app
