@@ -92,12 +92,13 @@ class TrainConfig:
     eval_batch_size: int = 1024
     dev_max_impressions: int = 0  # 0 = whole dev split for per-epoch evaluation
     bucket_size: int = 64  # pad the unique-news count of a batch up to a multiple of this
+    num_threads: int = 0  # torch intra-op threads for training (0 = torch default: all cores)
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size", "npratio", "log_every_steps", "eval_batch_size",
                   "bucket_size")
         _non_negative(self, "max_steps", "warmup_steps", "num_workers", "checkpoint_every_steps",
-                      "early_stopping_patience", "dev_max_impressions")
+                      "early_stopping_patience", "dev_max_impressions", "num_threads")
         _choice(self, "device", ("cpu", "cuda", "auto"))
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr} must be > 0")

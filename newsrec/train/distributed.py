@@ -1,0 +1,93 @@
+"""torch.distributed set-up for ``torchrun`` (one process per device; gloo on CPU, nccl on GPU).
+
+Without torchrun's environment (``WORLD_SIZE`` unset or 1) everything here is the single-process
+identity: rank 0 of 1, no process group. Only rank 0 logs, evaluates and saves; the others train
+their shard of every global batch and follow rank 0's early-stopping decision.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from newsrec.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    initialized_here: bool = False  # this module created the process group (so it tears it down)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
+    """``train.device`` → a torch device (``auto`` = cuda when available, else cpu)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is available; use -o train.device=cpu")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def setup(device_name: str) -> DistContext:
+    """Join the process group torchrun describes in the environment (if any) and pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank=local_rank)
+    if world_size <= 1:
+        return DistContext(rank=0, world_size=1, local_rank=0, device=device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=_dt.timedelta(minutes=30))
+        created = True
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                       device=device, initialized_here=created)
+
+
+def teardown(ctx: DistContext) -> None:
+    if ctx.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """DistributedDataParallel around ``module`` when running under torchrun, else ``module``."""
+    if not ctx.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def broadcast(value: Any, ctx: DistContext) -> Any:
+    """Rank 0's ``value`` on every rank (a small picklable object, e.g. the stop decision)."""
+    if not ctx.distributed:
+        return value
+    box = [value if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()

@@ -1,0 +1,300 @@
+"""MLflow experiment tracking — the only module of newsrec that imports mlflow.
+
+mlflow is slow to import, so it is imported inside the functions that need it, and only when
+tracking is enabled. When it is disabled, or no run is active, every ``log_*`` call is a no-op.
+
+Store: ``tracking.tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI``, else a SQLite file in the
+working folder (``sqlite:///mlflow.db``); ``mlflow ui --backend-store-uri sqlite:///mlflow.db``
+shows the runs.
+
+The trained model is logged as an MLflow *pyfunc* model through a loader module (this one): the
+logged folder holds the MODEL_DIR files (safetensors weights, config, manifest) and the news table it
+scores (title tokens, categories, news ids). ``mlflow.pyfunc.load_model(uri)`` reads it back with no
+unpickling and scores DataFrames with columns ``history`` and ``candidates`` (space-separated news
+ids, as in MIND's behaviors.tsv), answering a ``scores`` column (one list of floats per row).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from newsrec.config import TrackingConfig
+from newsrec.errors import DataError, NewsrecError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+PYFUNC_MODEL_NAME = "model"
+
+
+@dataclass
+class RunHandle:
+    """The run being logged to; ``run_id`` is None when tracking is disabled."""
+
+    run_id: str | None
+    experiment_id: str | None = None
+    tracking_uri: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None
+
+
+def resolve_tracking_uri(tracking_cfg: TrackingConfig) -> str:
+    return tracking_cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _mlflow() -> Any:
+    """Import mlflow quietly (its loggers and those of its SQL migrations down to warnings)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    for name in ("mlflow", "alembic", "sqlalchemy", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import mlflow
+
+    return mlflow
+
+
+def _active_mlflow() -> Any | None:
+    """mlflow, if it is imported and a run is active; else None (so log_* never starts a run)."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None or mlflow.active_run() is None:
+        return None
+    return mlflow
+
+
+def _connect(tracking_cfg: TrackingConfig) -> Any:
+    mlflow = _mlflow()
+    uri = resolve_tracking_uri(tracking_cfg)
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(tracking_cfg.experiment)
+    except Exception as exc:  # unreachable server, unwritable store, ...
+        raise NewsrecError(f"tracking store {uri}: {str(exc).splitlines()[0]} "
+                           f"(set tracking.tracking_uri / MLFLOW_TRACKING_URI, or -o tracking.enabled=false)"
+                           ) from None
+    return mlflow
+
+
+@contextlib.contextmanager
+def start_run(tracking_cfg: TrackingConfig, *, run_name: str, nested: bool = False,
+              run_id: str | None = None) -> Iterator[RunHandle]:
+    """A tracking run for the ``with`` block: a new one (child of the active run with
+    ``nested=True``), or the existing ``run_id`` continued. A no-op handle when tracking is off."""
+    if not tracking_cfg.enabled:
+        yield RunHandle(run_id=None)
+        return
+    mlflow = _connect(tracking_cfg)
+    with mlflow.start_run(run_id=run_id or None, run_name=None if run_id else run_name,
+                          nested=nested) as run:
+        yield RunHandle(run_id=run.info.run_id, experiment_id=run.info.experiment_id,
+                        tracking_uri=mlflow.get_tracking_uri())
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
+    return text[:6000]
+
+
+def log_params(params: dict[str, Any]) -> None:
+    mlflow = _active_mlflow()
+    if mlflow is not None and params:
+        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+
+
+def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
+    """Numeric entries only (NaN skipped); names made MLflow-safe (``ndcg@5`` → ``ndcg_at_5``)."""
+    mlflow = _active_mlflow()
+    if mlflow is None:
+        return
+    clean = {metric_key(k): float(v) for k, v in metrics.items()
+             if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+             and np.isfinite(v)}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def metric_key(name: str) -> str:
+    return name.replace("@", "_at_")
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    mlflow = _active_mlflow()
+    if mlflow is not None and tags:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    mlflow = _active_mlflow()
+    if mlflow is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow = _active_mlflow()
+    if mlflow is not None:
+        mlflow.log_text(text, artifact_file)
+
+
+def system_info(*, device: str, world_size: int) -> dict[str, Any]:
+    """What the run ran on (logged as tags)."""
+    import torch
+
+    return {
+        "sys.python": platform.python_version(),
+        "sys.platform": platform.platform(),
+        "sys.processor": platform.processor() or platform.machine(),
+        "sys.cpu_count": os.cpu_count(),
+        "sys.torch": torch.__version__,
+        "sys.torch_threads": torch.get_num_threads(),
+        "sys.device": device,
+        "sys.cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") else "",
+        "sys.world_size": world_size,
+    }
+
+
+def log_evaluation(tracking_cfg: TrackingConfig, *, run_id: str | None, metrics: dict[str, Any],
+                   artifacts: list[str | Path] = (), prefix: str = "") -> str | None:
+    """Log evaluation ``metrics`` (+ files) into ``run_id`` (e.g. the model's training run), or into
+    a new run when it is None or no longer in the store. Returns the run id (None when disabled)."""
+    if not tracking_cfg.enabled:
+        return run_id
+    mlflow = _connect(tracking_cfg)
+    if run_id:
+        try:
+            mlflow.get_run(run_id)
+        except Exception:
+            run_id = None
+    nested = mlflow.active_run() is not None and mlflow.active_run().info.run_id != run_id
+    if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run_id:
+        context: Any = contextlib.nullcontext(mlflow.active_run())
+    else:
+        context = mlflow.start_run(run_id=run_id, run_name=None if run_id else "evaluate", nested=nested)
+    with context as run:
+        log_metrics({f"{prefix}{k}": v for k, v in metrics.items()})
+        for path in artifacts:
+            log_artifact(path)
+        return run.info.run_id
+
+
+# ---------------------------------------------------------------------------------------------
+# the model as an MLflow pyfunc
+
+
+def _copy_model_files(model_dir: Path, dest: Path) -> None:
+    from newsrec.models.io import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
+
+    dest.mkdir(parents=True)
+    for name in (WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE):
+        shutil.copy2(model_dir / name, dest / name)
+
+
+def _write_news_table(dataset: Any, dest: Path) -> None:
+    """The news the logged model can score: ids, title tokens, categories (index = news_idx)."""
+    dest.mkdir(parents=True)
+    np.save(dest / "title_tokens.npy", np.asarray(dataset.title_tokens, dtype=np.int32))
+    category, subcategory = dataset.news_categories
+    np.save(dest / "category.npy", category.astype(np.int64))
+    np.save(dest / "subcategory.npy", subcategory.astype(np.int64))
+    (dest / "news_ids.json").write_text(json.dumps(list(dataset.news_idx_to_id[1:])), encoding="utf-8")
+
+
+def log_model(model_dir: str | Path, *, dataset: Any, register_name: str = "") -> str | None:
+    """Log MODEL_DIR (+ the dataset's news table) as a pyfunc model of the active run, with a
+    signature; register it under ``register_name`` when given. Returns the model URI."""
+    mlflow = _active_mlflow()
+    if mlflow is None:
+        return None
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    model_dir = Path(model_dir)
+    with tempfile.TemporaryDirectory(prefix="newsrec-pyfunc-") as tmp:
+        data = Path(tmp) / "newsrec"
+        _copy_model_files(model_dir, data / "model")
+        _write_news_table(dataset, data / "news")
+        example_ids = list(dataset.news_idx_to_id[1:4])
+        example = pd.DataFrame({"history": [" ".join(example_ids[:2])], "candidates": [" ".join(example_ids)]})
+        scorer = _load_pyfunc(str(data))
+        signature = infer_signature(example, scorer.predict(example))
+        info = mlflow.pyfunc.log_model(
+            name=PYFUNC_MODEL_NAME,
+            loader_module="newsrec.train.tracking",
+            data_path=str(data),
+            signature=signature,
+            input_example=example,
+            registered_model_name=register_name or None,
+        )
+    return info.model_uri
+
+
+class PyfuncScorer:
+    """What ``mlflow.pyfunc.load_model`` gives back: scores candidates for histories."""
+
+    def __init__(self, data_path: Path) -> None:
+        import torch
+
+        from newsrec.models.io import load_model
+
+        self.loaded = load_model(data_path / "model")
+        history_len = self.loaded.config.data.history_len
+        self.history_len = history_len
+        news = data_path / "news"
+        ids = json.loads((news / "news_ids.json").read_text(encoding="utf-8"))
+        self.id_to_idx = {news_id: i + 1 for i, news_id in enumerate(ids)}
+        tokens = torch.from_numpy(np.load(news / "title_tokens.npy").astype(np.int64))
+        category = torch.from_numpy(np.load(news / "category.npy"))
+        subcategory = torch.from_numpy(np.load(news / "subcategory.npy"))
+        model = self.loaded.model
+        vectors = [torch.zeros(1, model.news_dim)]
+        with torch.inference_mode():
+            for start in range(1, tokens.shape[0], 1024):
+                stop = min(start + 1024, tokens.shape[0])
+                vectors.append(model.encode_news(tokens[start:stop], category[start:stop], subcategory[start:stop]))
+        self.news_vectors = torch.cat(vectors)  # [n_news + 1, D], row 0 = padding
+
+    def _indices(self, text: Any, row: int, column: str) -> list[int]:
+        ids = text.split() if isinstance(text, str) else list(text)
+        unknown = [i for i in ids if i not in self.id_to_idx]
+        if unknown:
+            raise DataError(column, f"row {row}: unknown news id(s) {', '.join(map(str, unknown[:5]))}")
+        return [self.id_to_idx[i] for i in ids]
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        import pandas as pd
+        import torch
+
+        scores = []
+        model = self.loaded.model
+        with torch.inference_mode():
+            for row, (history, candidates) in enumerate(zip(model_input["history"], model_input["candidates"])):
+                hist = self._indices(history, row, "history")[-self.history_len:]
+                cand = self._indices(candidates, row, "candidates")
+                hist_vec = self.news_vectors[torch.tensor(hist, dtype=torch.long)].reshape(1, len(hist), -1)
+                mask = torch.ones(1, len(hist), dtype=torch.bool)
+                if not hist:
+                    hist_vec = torch.zeros(1, 1, model.news_dim)
+                    mask = torch.zeros(1, 1, dtype=torch.bool)
+                user = model.encode_user(hist_vec, mask)
+                cand_vec = self.news_vectors[torch.tensor(cand, dtype=torch.long)].unsqueeze(0)
+                scores.append(model.score(user, cand_vec)[0].double().tolist())
+        return pd.DataFrame({"scores": scores})
+
+
+def _load_pyfunc(data_path: str) -> PyfuncScorer:
+    """MLflow's entry point for ``loader_module`` models."""
+    return PyfuncScorer(Path(data_path))
