@@ -92,3 +92,48 @@ def submit_command(model_dir: str | None, reranker_dir: str | None, data_dir: st
                f"(split '{split}', validated)")
     if result.metrics is not None:
         click.echo(f"local metrics (score = 1/rank): {_metrics_line(result.metrics)}")
+
+
+@main.command("score")
+@_MODEL
+@_DATA
+@click.option("--out", "out_path", required=True, type=click.Path(),
+              help="Output folder, e.g. scores.parquet (part-XXXXX.parquet files + a manifest).")
+@click.option("--split", default=None, help="Score this split's impressions (or, with --pool split, "
+                                            "the split whose candidates form the pool).")
+@click.option("--top-k", "top_k", default=None, type=click.IntRange(min=1), metavar="K",
+              help="Top K news per user (latest history) instead of a split's impressions.")
+@click.option("--pool", default="all", show_default=True, type=click.Choice(["all", "split"]),
+              help="With --top-k: all news of the artifact, or the candidates of --split.")
+@click.option("--index", "index_dir", default=None, type=click.Path(file_okay=False),
+              help="With --top-k over all news: retrieve through this INDEX_DIR (`newsrec index`) "
+                   "instead of exact search.")
+@click.option("--shard", default=None, metavar="i/n",
+              help="Score only shard i of n (default: RANK/WORLD_SIZE under torchrun, else all).")
+@click.option("--chunk-users", default=20_000, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Users (or impressions) per part file; memory grows with it.")
+@click.option("--include-clicked", is_flag=True, help="With --top-k: do not exclude news the user clicked.")
+@click.option("--force", is_flag=True, help="Discard parts written with other arguments and start over.")
+@_DEVICE
+def score_command(model_dir: str, data_dir: str, out_path: str, split: str | None, top_k: int | None,
+                  pool: str, index_dir: str | None, shard: str | None, chunk_users: int,
+                  include_clicked: bool, force: bool, device: str | None) -> None:
+    """Batch scoring to Parquet: a split's candidates, or the top K news of a pool for every user."""
+    from newsrec.eval.scoring import score
+
+    retriever, retriever_name = None, "exact"
+    if index_dir is not None:
+        if top_k is None or pool != "all":
+            raise click.UsageError("--index is used with --top-k over all news (--pool all)")
+        from newsrec.serve.index import load_index
+
+        retriever = load_index(index_dir)
+        retriever_name = f"index:{retriever.kind}"
+    result = score(model_dir, data_dir, out=out_path, split=split, top_k=top_k, pool=pool, shard=shard,
+                   chunk_users=chunk_users, force=force, exclude_history=not include_clicked,
+                   retriever=retriever, retriever_name=retriever_name, device=device)
+    i, n = result.shard
+    unit = "users" if top_k is not None else "impressions"
+    click.echo(f"{result.out}: shard {i}/{n}, {result.chunks_written} part(s) written, "
+               f"{result.chunks_skipped} already done; {result.items} {unit} in {result.seconds:.1f}s "
+               f"({result.items_per_second:.0f} {unit}/s)")
