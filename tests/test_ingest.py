@@ -369,3 +369,16 @@ def test_cli_ingest_summary_and_one_line_errors(tmp_path, monkeypatch):
                                   "--on-bad-rows", "skip"])
     assert result.exit_code == 0, result.output
     assert "skipped rows: train/behaviors time 1" in result.output
+
+
+def test_ids_not_of_mind_form_map_through_the_general_path(tmp_path):
+    news = [news_row(i) for i in ("a-1", "N2", "N07")]  # a dash, a plain MIND id, a leading zero
+    rows = [behaviors_row(1, "U1", ["N07"], [("a-1", 1), ("N2", 0)]),
+            behaviors_row(2, "U2", ["a-1", "N2"], [("N07", 1)])]
+    write_split(tmp_path / "train", news=news, behaviors=rows)
+    ingest(Config(), train=tmp_path / "train", out_dir=tmp_path / "out")
+    ds = open_dataset(tmp_path / "out")
+    train = ds.impressions("train")
+    assert [ds.news_idx_to_id[i] for i in train.candidates] == ["a-1", "N2", "N07"]
+    assert [ds.news_idx_to_id[i] for i in train.history] == ["N07", "a-1", "N2"]
+    assert train.labels.tolist() == [1, 0, 1]

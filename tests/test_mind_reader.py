@@ -53,9 +53,9 @@ def test_behaviors_parsed_values(tmp_path):
                                             dt.datetime(2019, 11, 15, 0, 0, 0)]
     assert table.frame["line_no"].to_list() == [1, 2, 3]
     assert table.history_counts.tolist() == [2, 0, 1]
-    assert table.history_ids.to_list() == ["N1", "N2", "N2"]
+    assert table.history_ids.to_strings().to_list() == ["N1", "N2", "N2"]
     assert table.candidate_counts.tolist() == [2, 2, 1]
-    assert table.candidate_ids.to_list() == ["N2", "N1", "N1", "N2", "N1"]
+    assert table.candidate_ids.to_strings().to_list() == ["N2", "N1", "N1", "N2", "N1"]
     assert table.labels.tolist() == [1, 0, 0, 0, 1]
     assert table.no_click == 1
 
@@ -65,7 +65,7 @@ def test_unlabelled_split_has_no_labels(tmp_path):
     write_split(tmp_path / "t", news=NEWS, behaviors=rows)
     table = mind.read_behaviors(mind.locate_split(tmp_path / "t").behaviors)
     assert table.labels is None
-    assert table.candidate_ids.to_list() == ["N2", "N1", "N2"]
+    assert table.candidate_ids.to_strings().to_list() == ["N2", "N1", "N2"]
     assert table.candidate_counts.tolist() == [2, 1]
 
 
@@ -76,7 +76,7 @@ def test_bom_and_crlf_are_tolerated(tmp_path):
     assert mind.read_news(win.news).frame.drop("line_no").equals(mind.read_news(plain.news).frame.drop("line_no"))
     a, b = mind.read_behaviors(plain.behaviors), mind.read_behaviors(win.behaviors)
     assert a.frame.equals(b.frame)
-    assert a.candidate_ids.to_list() == b.candidate_ids.to_list()
+    assert a.candidate_ids.to_strings().to_list() == b.candidate_ids.to_strings().to_list()
     assert np.array_equal(a.labels, b.labels)
     assert b.frame["user_id"][0] == "U1"  # no BOM glued to the first field
 

@@ -28,6 +28,7 @@ from newsrec.utils.io import atomic_dir, atomic_path, sha256_file, write_json
 from newsrec.utils.progress import progress
 
 MISSING_NEWS_EXAMPLES = 5
+MAX_LOOKUP_TABLE = 100_000_000  # largest N<digits> id mapped through a dense table
 
 
 @dataclass
@@ -197,24 +198,17 @@ def _union_news(splits: dict[str, SplitData]) -> tuple[pl.DataFrame, pl.DataFram
 def _map_behaviors(table: mind.BehaviorsTable, id_map: pl.DataFrame, *, policy: str
                    ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """News ids → news_idx; build the behaviors frame of BEHAVIORS_SCHEMA (list columns)."""
-    ids = id_map["news_id"]
-    idx = id_map["news_idx"]
     n = len(table.frame)
-    history_s = table.history_ids.replace_strict(ids, idx, default=None, return_dtype=pl.Int32)
-    candidates_s = table.candidate_ids.replace_strict(ids, idx, default=None, return_dtype=pl.Int32)
-    h_missing = history_s.is_null().to_numpy()
-    c_missing = candidates_s.is_null().to_numpy()
-    history = history_s.fill_null(0).to_numpy()
-    candidates = candidates_s.fill_null(0).to_numpy()
-    del history_s, candidates_s
+    history, h_missing = lookup_news(table.history_ids, id_map)
+    candidates, c_missing = lookup_news(table.candidate_ids, id_map)
     history_counts, candidate_counts, labels = table.history_counts, table.candidate_counts, table.labels
     missing_info: dict[str, Any] = {"ids": set(), "references": 0, "impressions_dropped": 0}
     keep_rows = np.ones(n, dtype=bool)
     if h_missing.any() or c_missing.any():
         h_rows = np.repeat(np.arange(n), history_counts)
         c_rows = np.repeat(np.arange(n), candidate_counts)
-        missing_ids = pl.concat([table.history_ids.filter(pl.Series(h_missing)),
-                                 table.candidate_ids.filter(pl.Series(c_missing))])
+        missing_ids = pl.concat([table.history_ids.to_strings(h_missing),
+                                 table.candidate_ids.to_strings(c_missing)])
         distinct = missing_ids.unique(maintain_order=True)
         references = int(h_missing.sum() + c_missing.sum())
         if policy == "error":
@@ -248,6 +242,27 @@ def _map_behaviors(table: mind.BehaviorsTable, id_map: pl.DataFrame, *, policy: 
     if not keep_rows.all():
         frame = frame.filter(pl.Series(keep_rows))
     return frame.select(list(schema.BEHAVIORS_SCHEMA)), missing_info
+
+
+def lookup_news(ids: mind.NewsIds, id_map: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """News ids → (news_idx int32 [n] with 0 where missing, missing bool [n]).
+
+    Ids of MIND's form ``N<digits>`` on both sides go through a dense lookup table (one array
+    index per id); other ids through a hash join."""
+    news_ids, news_idx = id_map["news_id"], id_map["news_idx"]
+    if ids.numbers is not None and len(news_ids) and news_ids.str.contains(mind._NUMERIC_ID).all():
+        news_numbers = news_ids.str.slice(1).cast(pl.Int64).to_numpy()
+    else:
+        news_numbers = None
+    if news_numbers is not None and news_numbers.max() < MAX_LOOKUP_TABLE:
+        table = np.zeros(int(news_numbers.max()) + 2, dtype=np.int32)
+        table[news_numbers] = news_idx.to_numpy()
+        numbers = np.minimum(ids.numbers, len(table) - 1)  # beyond the largest id: the 0 at the end
+        idx = table[numbers]
+        return idx, idx == 0
+    mapped = ids.to_strings().replace_strict(news_ids, news_idx, default=None, return_dtype=pl.Int32)
+    missing = mapped.is_null().to_numpy()
+    return mapped.fill_null(0).to_numpy(), missing
 
 
 def _list_series(values: np.ndarray, counts: np.ndarray, dtype: pl.DataType) -> pl.Series:

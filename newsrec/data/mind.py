@@ -363,21 +363,51 @@ def _parse_entities(column: pl.Series, ok: pl.Series) -> tuple[pl.Series, pl.Ser
 # behaviors.tsv
 
 
+_NUMERIC_ID = r"^N[1-9][0-9]{0,17}$"
+
+
+@dataclass
+class NewsIds:
+    """Flat news ids of a column. When every id has MIND's form ``N<digits>`` they are kept as
+    numbers (int64, 8 bytes an id, mapped to news_idx by a lookup table); otherwise as strings."""
+
+    numbers: np.ndarray | None  # int64 [n]: 123 for "N123"
+    strings: pl.Series | None  # String [n] when ids are not all of the form N<digits>
+
+    @staticmethod
+    def from_tokens(tokens: pl.Series) -> "NewsIds":
+        if len(tokens) and tokens.str.contains(_NUMERIC_ID).all():
+            return NewsIds(tokens.str.slice(1).cast(pl.Int64).to_numpy(), None)
+        if not len(tokens):
+            return NewsIds(np.zeros(0, dtype=np.int64), None)
+        return NewsIds(None, tokens)
+
+    def __len__(self) -> int:
+        return len(self.numbers) if self.numbers is not None else len(self.strings)
+
+    def to_strings(self, mask: np.ndarray | None = None) -> pl.Series:
+        """The ids as strings (only those where ``mask`` is True)."""
+        if self.numbers is not None:
+            nums = self.numbers if mask is None else self.numbers[mask]
+            return pl.select(pl.lit("N") + pl.Series("id", nums).cast(pl.String)).to_series()
+        return self.strings if mask is None else self.strings.filter(pl.Series(mask))
+
+
 @dataclass
 class BehaviorsTable:
     """behaviors.tsv parsed, rows in file order (bad rows removed when skipping).
 
     ``frame``: impression_id Int64, user_id String, time Datetime(us), line_no Int64 — [n rows].
-    ``history_ids`` / ``candidate_ids``: flat String news ids, grouped by row in order;
+    ``history_ids`` / ``candidate_ids``: flat news ids (NewsIds), grouped by row in order;
     ``history_counts`` / ``candidate_counts``: int64 [n] per-row lengths (CSR);
     ``labels``: int8 aligned with candidate_ids, or None for an unlabelled (test) split.
     """
 
     label: str
     frame: pl.DataFrame
-    history_ids: pl.Series
+    history_ids: NewsIds
     history_counts: np.ndarray
-    candidate_ids: pl.Series
+    candidate_ids: NewsIds
     candidate_counts: np.ndarray
     labels: np.ndarray | None
     sha256: str
@@ -474,14 +504,16 @@ def read_behaviors(source: SourceFile, *, on_bad_rows: str = "error") -> Behavio
     candidate_counts = np.bincount(candidate_rows, minlength=len(ok_np)).astype(np.int64)[ok_np]
     if is_labelled:
         labels = (suffix == "-1").to_numpy().astype(np.int8)
-        candidate_ids = candidate_tokens.str.head(-2)
+        candidate_ids = NewsIds.from_tokens(candidate_tokens.str.head(-2))
     else:
         labels = None
-        candidate_ids = candidate_tokens
+        candidate_ids = NewsIds.from_tokens(candidate_tokens)
     del candidate_tokens, suffix, candidate_rows
 
     ok_series = pl.Series(ok_np)
-    history_ids, history_rows, _ = _tokens(cols["History"].filter(ok_series))
+    history_tokens, history_rows, _ = _tokens(cols["History"].filter(ok_series))
+    history_ids = NewsIds.from_tokens(history_tokens)
+    del history_tokens
     history_counts = np.bincount(history_rows, minlength=int(ok_np.sum())).astype(np.int64)
     del history_rows
     frame = pl.DataFrame({
