@@ -345,17 +345,26 @@ class _Text:
         self.entity_vectors = centroids[self.entity_topic] + rng.normal(0, 0.03, (len(self.entity_topic), ENTITY_DIM))
         self.topic_entities = _WeightedGroups(self.entity_topic, np.ones(len(self.entity_topic)), n_topics)
 
-    def words(self, rng: np.random.Generator, n_words: int, topic: int, subcategory: int, category: int,
-              shares: tuple[float, float, float]) -> list[str]:
-        source = rng.choice(4, n_words, p=[*shares, 1.0 - sum(shares)])
-        picks = rng.random(n_words)
-        shared = rng.choice(len(self.shared), n_words, p=self.shared_p)
-        out = []
-        for s, u, w in zip(source, picks, shared):
-            pool = (self.topic_words[topic], self.subcategory_words[subcategory],
-                    self.category_words[category], None)[s]
-            out.append(self.shared[w] if pool is None else pool[int(u * len(pool))])
-        return out
+        # one word table: shared | category lists | subcategory lists | topic lists (fixed list sizes)
+        self.words = np.array(self.shared + [w for ws in (self.category_words + self.subcategory_words
+                                                          + self.topic_words) for w in ws], dtype=object)
+        self.category_start = len(self.shared) + 12 * np.arange(n_categories)
+        self.subcategory_start = len(self.shared) + 12 * n_categories + 12 * np.arange(n_subcategories)
+        self.topic_start = len(self.shared) + 12 * (n_categories + n_subcategories) + 8 * np.arange(n_topics)
+
+    def token_matrix(self, rng: np.random.Generator, max_words: int, topic: np.ndarray, subcategory: np.ndarray,
+                     category: np.ndarray, shares: tuple[float, float, float]) -> np.ndarray:
+        """Word ids int64 [n, max_words]: each from the news' topic, subcategory, category or shared list."""
+        n = len(topic)
+        source = rng.choice(4, (n, max_words), p=[*shares, 1.0 - sum(shares)])
+        pick = rng.random((n, max_words))
+        shared = rng.choice(len(self.shared), (n, max_words), p=self.shared_p)
+        topical = np.stack([self.topic_start[topic], self.subcategory_start[subcategory],
+                            self.category_start[category]], axis=1)  # (n, 3)
+        list_size = np.array([8, 12, 12])
+        level = np.minimum(source, 2)
+        from_list = np.take_along_axis(topical, level, axis=1) + (pick * list_size[level]).astype(np.int64)
+        return np.where(source == 3, shared, from_list)
 
     def entity_json(self, entity: int | None, text: str) -> str:
         if entity is None:
@@ -366,41 +375,62 @@ class _Text:
                             "SurfaceForms": [label]}])
 
 
-def _compose(rng: np.random.Generator, text: _Text, n_words: int, topic: int, sub: int, cat: int,
-             shares: tuple[float, float, float], entity_share: float, quote_share: float) -> tuple[str, int | None]:
-    words = text.words(rng, n_words, topic, sub, cat, shares)
-    entity = None
-    if rng.random() < entity_share:
-        entity = int(text.topic_entities.draw(np.array([topic]), rng.random(1))[0])
-        words.insert(int(rng.integers(0, len(words) + 1)), text.entity_label[entity])
-    if len(words) > 4 and rng.random() < quote_share:
-        start = int(rng.integers(0, len(words) - 2))
-        stop = start + int(rng.integers(2, 4))
+def _compose(words: list[str], entity_label: str | None, entity_at: float, quote: bool, quote_at: float,
+             quote_len: int) -> str:
+    """A sentence from words, with the entity's surface form inserted and maybe a quoted span."""
+    if entity_label is not None:
+        words.insert(int(entity_at * (len(words) + 1)), entity_label)
+    if quote and len(words) > 4:
+        start = int(quote_at * (len(words) - 2))
         words[start] = '"' + words[start]
-        words[min(stop, len(words)) - 1] += '"'
+        words[min(start + quote_len, len(words)) - 1] += '"'
     sentence = " ".join(words)
-    return sentence[:1].upper() + sentence[1:], entity
+    return sentence[:1].upper() + sentence[1:]
+
+
+def _texts(rng: np.random.Generator, world: _World, text: _Text, *, mean_words: float, min_words: int,
+           max_words: int, shares: tuple[float, float, float], entity_share: float, quote_share: float,
+           empty_share: float) -> tuple[list[str], list[int | None]]:
+    """One text per news (titles or abstracts) and the entity it mentions (or None)."""
+    n = len(world.news_ids)
+    lengths = np.clip(rng.poisson(mean_words, n), min_words, max_words)
+    tokens = text.token_matrix(rng, max_words, world.news_topic, world.news_subcategory, world.news_category,
+                               shares)
+    has_entity = rng.random(n) < entity_share
+    entity = text.topic_entities.draw(world.news_topic, rng.random(n))
+    entity_at, quote_at = rng.random(n), rng.random(n)
+    quote = rng.random(n) < quote_share
+    quote_len = rng.integers(2, 4, n)
+    empty = rng.random(n) < empty_share
+    out, mentioned = [], []
+    for i in range(n):
+        if empty[i]:
+            out.append("")
+            mentioned.append(None)
+            continue
+        label = text.entity_label[entity[i]] if has_entity[i] else None
+        out.append(_compose(list(text.words[tokens[i, : lengths[i]]]), label, entity_at[i], quote[i], quote_at[i],
+                            int(quote_len[i])))
+        mentioned.append(int(entity[i]) if has_entity[i] else None)
+    return out, mentioned
 
 
 def _news_rows(rng: np.random.Generator, world: _World, text: _Text) -> tuple[list[str], list[list[int]]]:
-    n = len(world.news_ids)
-    title_lengths = np.clip(rng.poisson(10.5, n), 4, 24)
-    abstract_lengths = np.clip(rng.poisson(24, n), 6, 60)
-    url_codes = rng.integers(36 ** 5, 36 ** 6, n)
+    """news.tsv lines (8 columns, no newline) and the entity ids each news mentions."""
+    titles, title_entity = _texts(rng, world, text, mean_words=10.5, min_words=4, max_words=24,
+                                  shares=(0.3, 0.2, 0.1), entity_share=0.4, quote_share=0.12, empty_share=0.0)
+    abstracts, abstract_entity = _texts(rng, world, text, mean_words=24, min_words=6, max_words=60,
+                                        shares=(0.15, 0.12, 0.08), entity_share=0.5, quote_share=0.05,
+                                        empty_share=0.08)
+    url_codes = rng.integers(36 ** 5, 36 ** 6, len(titles))
     rows, entities = [], []
-    for i in progress(range(n), desc="news text", unit="news", total=n):
-        topic, sub, cat = int(world.news_topic[i]), int(world.news_subcategory[i]), int(world.news_category[i])
-        title, t_entity = _compose(rng, text, int(title_lengths[i]), topic, sub, cat, (0.3, 0.2, 0.1), 0.4, 0.12)
-        if rng.random() < 0.08:
-            abstract, a_entity = "", None
-        else:
-            abstract, a_entity = _compose(rng, text, int(abstract_lengths[i]), topic, sub, cat,
-                                          (0.15, 0.12, 0.08), 0.5, 0.05)
+    for i in range(len(titles)):
+        cat, sub = world.news_category[i], world.news_subcategory[i]
         url = f"https://assets.msn.com/labs/mind/AA{np.base_repr(int(url_codes[i]), 36)}.html"
         rows.append("\t".join((world.news_ids[i], world.category_names[cat], world.subcategory_names[sub],
-                               title, abstract, url, text.entity_json(t_entity, title),
-                               text.entity_json(a_entity, abstract))))
-        entities.append(sorted({e for e in (t_entity, a_entity) if e is not None}))
+                               titles[i], abstracts[i], url, text.entity_json(title_entity[i], titles[i]),
+                               text.entity_json(abstract_entity[i], abstracts[i]))))
+        entities.append(sorted({e for e in (title_entity[i], abstract_entity[i]) if e is not None}))
     return rows, entities
 
 
@@ -491,9 +521,17 @@ def _join_ids(world: _World, news: np.ndarray, offsets: np.ndarray, labels: np.n
     tokens = pl.Series(world.news_ids, dtype=pl.String).gather(news)
     if labels is not None:
         tokens = tokens + pl.Series(np.where(labels, "-1", "-0"), dtype=pl.String)
-    values = tokens.to_arrow().cast(pa.large_string())
-    lists = pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()), values)
-    return pl.Series(lists).list.join(" ")
+    return _csr_lists(tokens, offsets).list.join(" ")
+
+
+def _csr_lists(values: pl.Series, offsets: np.ndarray) -> pl.Series:
+    """A list Series whose row i holds ``values[offsets[i]:offsets[i + 1]]``."""
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    arrow_offsets = pa.Array.from_buffers(pa.int64(), len(offsets), [None, pa.py_buffer(offsets)])
+    arrow_values = values.to_arrow()
+    if arrow_values.type == pa.string():
+        arrow_values = arrow_values.cast(pa.large_string())
+    return pl.Series(pa.LargeListArray.from_arrays(arrow_offsets, arrow_values))
 
 
 def _build_world(size: SynthSize, model: ClickModel, seed: int) -> _World:
@@ -627,11 +665,12 @@ def _time_tables() -> tuple[pl.Series, pl.Series]:
     """MIND time text: date per day index 0..8 and ``h:mm:ss AM`` per second of the day."""
     dates = [FIRST_DAY + timedelta(days=d - 1) for d in range(9)]
     date_text = pl.Series([f"{d.month}/{d.day}/{d.year}" for d in dates], dtype=pl.String)
-    clock = []
-    for s in range(SECONDS_PER_DAY):
-        hour, minute, second = s // 3600, s // 60 % 60, s % 60
-        clock.append(f"{hour % 12 or 12}:{minute:02d}:{second:02d} {'AM' if hour < 12 else 'PM'}")
-    return date_text, pl.Series(clock, dtype=pl.String)
+    hours = pl.Series([f"{h % 12 or 12}:" for h in range(24)], dtype=pl.String)
+    minutes_seconds = pl.Series([f"{s // 60:02d}:{s % 60:02d}" for s in range(3600)], dtype=pl.String)
+    halves = pl.Series([" AM", " PM"], dtype=pl.String)
+    second = np.arange(SECONDS_PER_DAY)
+    clock = hours.gather(second // 3600) + minutes_seconds.gather(second % 3600) + halves.gather(second // 43_200)
+    return date_text, clock
 
 
 def _zip_member(name: str) -> zipfile.ZipInfo:
@@ -728,18 +767,13 @@ def _truth_frame(world: _World, result: _SplitResult) -> tuple[pl.DataFrame, dic
         "label": np.concatenate([clicked for _, clicked in result.chunks]).astype(np.int8),
         "user": np.concatenate([c.user for c in chunks]),
     }
-    offs = pa.array(arrays["offsets"], type=pa.int64())
-
-    def lists(values: pa.Array) -> pl.Series:
-        return pl.Series(pa.LargeListArray.from_arrays(offs, values))
-
+    offsets_all = arrays["offsets"]
     frame = pl.DataFrame({
         "impression_id": np.concatenate(result.impression_ids),
         "user_id": pl.Series(world.user_ids, dtype=pl.String).gather(arrays["user"]),
-        "candidates": lists(pl.Series(world.news_ids, dtype=pl.String).gather(arrays["news"]).to_arrow()
-                            .cast(pa.large_string())),
-        "probability": lists(pa.array(arrays["probability"])),
-        "label": lists(pa.array(arrays["label"])),
+        "candidates": _csr_lists(pl.Series(world.news_ids, dtype=pl.String).gather(arrays["news"]), offsets_all),
+        "probability": _csr_lists(pl.Series(arrays["probability"]), offsets_all),
+        "label": _csr_lists(pl.Series(arrays["label"]), offsets_all),
     })
     return frame, arrays
 
