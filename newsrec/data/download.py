@@ -88,23 +88,20 @@ def download_file(url: str, path: str | Path, *, expected_sha256: str | None = N
     if known is None:
         known = etag
     resumed_from = offset
-    try:
-        with response, open(part, "ab" if offset else "wb") as out, \
-                progress(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                         desc=path.name) as bar:
-            while True:
-                try:
-                    block = response.read(CHUNK_BYTES)
-                except (OSError, socket.timeout) as exc:
-                    raise DownloadError(f"{url}: connection lost after {offset:,} bytes ({exc}); run the "
-                                        f"same command again to resume") from None
-                if not block:
-                    break
-                out.write(block)
-                offset += len(block)
-                bar.update(len(block))
-    except KeyboardInterrupt:
-        raise
+    with response, open(part, "ab" if offset else "wb") as out, \
+            progress(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                     desc=path.name) as bar:
+        while True:
+            try:
+                block = response.read(CHUNK_BYTES)
+            except (OSError, socket.timeout) as exc:
+                raise DownloadError(f"{url}: connection lost after {offset:,} bytes ({exc}); run the "
+                                    f"same command again to resume") from None
+            if not block:
+                break
+            out.write(block)
+            offset += len(block)
+            bar.update(len(block))
     if total is not None and offset != total:
         raise DownloadError(f"{url}: received {offset:,} of {total:,} bytes; run the same command again "
                             f"to resume")
