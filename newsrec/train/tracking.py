@@ -61,6 +61,8 @@ def _mlflow() -> Any:
         logging.getLogger(name).setLevel(logging.WARNING)
     import mlflow
 
+    for name in ("mlflow", "alembic", "sqlalchemy"):  # mlflow sets its own level on import
+        logging.getLogger(name).setLevel(logging.WARNING)
     return mlflow
 
 
@@ -236,10 +238,22 @@ def log_model(model_dir: str | Path, *, dataset: Any, register_name: str = "") -
             loader_module="newsrec.train.tracking",
             data_path=str(data),
             signature=signature,
-            input_example=example,
+            pip_requirements=_pip_requirements(),  # given, so mlflow does not probe the environment
             registered_model_name=register_name or None,
         )
     return info.model_uri
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("newsrec", "torch", "numpy", "pandas", "safetensors", "pyyaml", "polars"):
+        try:
+            pins.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
 
 
 class PyfuncScorer:
