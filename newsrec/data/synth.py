@@ -56,6 +56,7 @@ FIRST_DAY = date(2019, 11, 9)  # day 1; day 0 is the day before
 SECONDS_PER_DAY = 86_400
 ZIP_TIMESTAMP = (2019, 11, 20, 0, 0, 0)  # fixed so that the same seed gives byte-identical zips
 ENTITY_DIM = 100
+_USER_BLOCK = 50_000  # users whose histories are drawn together
 ZIP_LEVEL = 1  # deflate level: text this size compresses ~4x faster than at 6 for ~15% more bytes
 
 CATEGORY_NAMES = (
@@ -336,8 +337,7 @@ def _build_news(rng: np.random.Generator, size: SynthSize, model: ClickModel, ca
 class _Text:
     """Titles, abstracts and entities of news, from the topic/subcategory/category word lists."""
 
-    def __init__(self, rng: np.random.Generator, n_categories: int, n_subcategories: int, n_topics: int,
-                 topic_subcategory: np.ndarray) -> None:
+    def __init__(self, rng: np.random.Generator, n_categories: int, n_subcategories: int, n_topics: int) -> None:
         taken = set(SHARED_WORDS)
         extra_shared = _pseudo_words(rng, 250, taken)
         self.shared = list(dict.fromkeys(SHARED_WORDS)) + extra_shared
@@ -520,13 +520,20 @@ def _build_histories(rng: np.random.Generator, world: _World) -> None:
             picked[sel] = level_news[level].draw(group, rng.random(len(sel)))
         return picked, np.ones(len(owner), dtype=bool)
 
-    owner, picked = _fill_unique(lengths, draw, len(old))
-    news = old[picked]
-    order = np.lexsort((world.news_time[news], owner))  # per user, oldest first
-    owner, news = owner[order], news[order]
-    world.history_offsets = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=size.n_users))])
-    world.history_news = news
-    world.history_text = _join_ids(world, news, world.history_offsets, None)
+    counts, blocks, texts = [], [], []
+    for start in range(0, size.n_users, _USER_BLOCK):  # blocks of users bound the memory
+        stop = min(start + _USER_BLOCK, size.n_users)
+        owner, picked = _fill_unique(lengths[start:stop], lambda o: draw(o + start), len(old))
+        news = old[picked]
+        order = np.lexsort((world.news_time[news], owner))  # per user, oldest first
+        owner, news = owner[order], news[order].astype(np.int32)
+        block_counts = np.bincount(owner, minlength=stop - start)
+        texts.append(_join_ids(world, news, np.concatenate([[0], np.cumsum(block_counts)]), None))
+        counts.append(block_counts)
+        blocks.append(news)
+    world.history_offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))])
+    world.history_news = np.concatenate(blocks)
+    world.history_text = pl.concat(texts, rechunk=True)
 
 
 def _join_ids(world: _World, news: np.ndarray, offsets: np.ndarray, labels: np.ndarray | None) -> pl.Series:
@@ -556,8 +563,7 @@ def _build_world(size: SynthSize, model: ClickModel, seed: int) -> _World:
                    news_topic=news["topic"], news_subcategory=news["subcategory"], news_category=news["category"],
                    news_day=news["day"], news_time=news["time"], news_exposure=news["exposure"],
                    news_popularity=news["popularity"], news_ids=news["ids"])
-    text = _Text(np.random.default_rng([seed, 2]), len(categories), len(subcategories), len(topic_subcategory),
-                 topic_subcategory)
+    text = _Text(np.random.default_rng([seed, 2]), len(categories), len(subcategories), len(topic_subcategory))
     world.news_rows, world.news_entities = _news_rows(np.random.default_rng([seed, 3]), world, text)
     world.entity_ids, world.entity_vectors = text.entity_id, text.entity_vectors
     _build_users(np.random.default_rng([seed, 4]), world)
@@ -772,6 +778,7 @@ def _write_split(out_dir: Path, split: str, world: _World, impressions: _Impress
                 world.entity_ids[e] + "\t" + "\t".join(f"{v:.6f}" for v in world.entity_vectors[e]) + "\n"
                 for e in entities))
             archive.writestr(_zip_member("relation_embedding.vec"), _relation_vectors(seed))
+        tmp.chmod(0o644)  # the temporary file is private; the data set is not
     return result
 
 
@@ -927,5 +934,6 @@ def generate(out_dir: str | Path, *, size: str | SynthSize = "small", seed: int 
         }
         write_json(truth_dir / "oracle_metrics.json", {**oracle, "click_model": summary["click_model"]})
         write_json(truth_dir / "summary.json", summary)
+        truth_dir.chmod(0o755)
         (truth_dir / "README.txt").write_text(_GROUND_TRUTH_README.replace("{split}", "<split>"), encoding="utf-8")
     return summary
