@@ -125,13 +125,18 @@ class Recommender:
 
     def _register_fresh_with_reranker(self, fresh: list[dict]) -> None:
         """Fresh news saved with the index become known to the re-ranker (no clicks, their age)."""
-        for meta in fresh:
+        undated = [m for m in fresh if not m.get("added_at")]
+        if undated:  # one call for all news without an age (the re-ranker's reference now)
+            keys = np.array([int(m["key"]) for m in undated], dtype=np.int64)
+            self.reranker.add_news(keys, self.index.vectors_of(keys),
+                                   category_idx=np.array([int(m.get("category_idx", 0)) for m in undated]),
+                                   subcategory_idx=np.array([int(m.get("subcategory_idx", 0)) for m in undated]))
+        for meta in (m for m in fresh if m.get("added_at")):
             key = np.array([int(meta["key"])], dtype=np.int64)
-            added = meta.get("added_at")
             self.reranker.add_news(key, self.index.vectors_of(key),
                                    category_idx=np.array([int(meta.get("category_idx", 0))]),
                                    subcategory_idx=np.array([int(meta.get("subcategory_idx", 0))]),
-                                   first_seen=_dt.datetime.fromisoformat(added) if added else None)
+                                   first_seen=_dt.datetime.fromisoformat(meta["added_at"]))
 
     # ------------------------------------------------------------------ ids
     def key_of(self, news_id: str) -> int | None:
