@@ -563,11 +563,15 @@ def _build_world(size: SynthSize, model: ClickModel, seed: int) -> _World:
                    news_topic=news["topic"], news_subcategory=news["subcategory"], news_category=news["category"],
                    news_day=news["day"], news_time=news["time"], news_exposure=news["exposure"],
                    news_popularity=news["popularity"], news_ids=news["ids"])
-    text = _Text(np.random.default_rng([seed, 2]), len(categories), len(subcategories), len(topic_subcategory))
-    world.news_rows, world.news_entities = _news_rows(np.random.default_rng([seed, 3]), world, text)
-    world.entity_ids, world.entity_vectors = text.entity_id, text.entity_vectors
-    _build_users(np.random.default_rng([seed, 4]), world)
-    _build_histories(np.random.default_rng([seed, 5]), world)
+    with progress(total=3, desc="synth world", unit="step") as bar:
+        text = _Text(np.random.default_rng([seed, 2]), len(categories), len(subcategories), len(topic_subcategory))
+        world.news_rows, world.news_entities = _news_rows(np.random.default_rng([seed, 3]), world, text)
+        world.entity_ids, world.entity_vectors = text.entity_id, text.entity_vectors
+        bar.update()
+        _build_users(np.random.default_rng([seed, 4]), world)
+        bar.update()
+        _build_histories(np.random.default_rng([seed, 5]), world)
+        bar.update()
     return world
 
 
