@@ -118,3 +118,30 @@ def test_utf8_error_line_counts_lines_across_chunks(tmp_path, monkeypatch):
     with pytest.raises(DataError) as err:
         mind.read_news(mind.locate_split(tmp_path / "s").news)
     assert err.value.line == 17 and "UTF-8" in str(err.value)
+
+
+def test_chunked_parsing_equals_one_pass_and_checks_across_chunks(tmp_path):
+    rows = [behaviors_row(i, f"U{i % 3}", ["N1"] * (i % 4), [("N2", i % 2), ("N1", 1 - i % 2)])
+            for i in range(1, 12)]
+    write_split(tmp_path / "s", news=NEWS, behaviors=rows)
+    source = mind.locate_split(tmp_path / "s").behaviors
+    whole, chunked = mind.read_behaviors(source), mind.read_behaviors(source, chunk_rows=3)
+    assert whole.frame.equals(chunked.frame)
+    assert np.array_equal(whole.history_counts, chunked.history_counts)
+    assert np.array_equal(whole.candidate_counts, chunked.candidate_counts)
+    assert np.array_equal(whole.labels, chunked.labels)
+    assert np.array_equal(whole.candidate_ids.numbers, chunked.candidate_ids.numbers)
+    assert whole.history_counts.tolist() == [i % 4 for i in range(1, 12)]
+
+    # an unlabelled row in a later chunk, and a duplicate id spanning chunks
+    mixed = rows[:7] + [behaviors_row(99, "U9", [], ["N1"])] + rows[7:]
+    write_split(tmp_path / "m", news=NEWS, behaviors=mixed)
+    with pytest.raises(DataError) as err:
+        mind.read_behaviors(mind.locate_split(tmp_path / "m").behaviors, chunk_rows=3)
+    assert err.value.line == 8 and "from line 1" in str(err.value)
+    dup = rows + [behaviors_row(2, "U9", [], [("N1", 1)])]
+    write_split(tmp_path / "d", news=NEWS, behaviors=dup)
+    table = mind.read_behaviors(mind.locate_split(tmp_path / "d").behaviors, on_bad_rows="skip",
+                                chunk_rows=4)
+    assert table.skipped == {"duplicate_impression_id": 1} and len(table.frame) == 11
+    assert table.candidate_counts.sum() == len(table.labels) == len(table.candidate_ids) == 22

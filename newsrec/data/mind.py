@@ -227,14 +227,15 @@ def _first_line(frame: pl.DataFrame, mask: pl.Series) -> np.ndarray:
     return frame.filter(mask)["line_no"].to_numpy()
 
 
-def _split_columns(lines: Lines, names: tuple[str, ...], bad: BadRows) -> tuple[pl.DataFrame, pl.Series]:
-    """Split each line on tabs into ``len(names)`` string columns.
+def _split_columns(frame: pl.DataFrame, names: tuple[str, ...], bad: BadRows, *, last_line: int,
+                   ends_with_newline: bool) -> tuple[pl.DataFrame, pl.Series]:
+    """Split each line (``frame``: text, line_no) on tabs into ``len(names)`` string columns.
 
-    Returns the frame (``line_no`` + one column per name, null on bad rows) and the boolean mask
-    of rows with the right column count.
+    Returns the frame (``line_no`` + one column per name) and the boolean mask of rows with the
+    right column count; the columns of the other rows hold partial values and must be masked.
+    ``last_line``/``ends_with_newline`` tell a file cut mid-line apart from a short line.
     """
     n_cols = len(names)
-    frame = lines.frame
     tabs = frame["text"].str.count_matches("\t", literal=True).fill_null(0)
     ok = (tabs == n_cols - 1) & frame["text"].is_not_null()
     if not ok.all():
@@ -242,17 +243,15 @@ def _split_columns(lines: Lines, names: tuple[str, ...], bad: BadRows) -> tuple[
         found = int(bad_rows["found"][0])
         line = int(bad_rows["line_no"][0])
         expected = f"expected {n_cols} tab-separated columns ({', '.join(names)}), found {found}"
-        last = int(frame["line_no"][-1])
-        if line == last and not lines.ends_with_newline and found < n_cols:
+        if line == last_line and not ends_with_newline and found < n_cols:
             message = f"truncated last line (the file ends mid-line); {expected}"
-        elif frame["text"][line - 1] is None:
+        elif bad_rows["text"][0] is None:
             message = f"empty line; {expected}"
         else:
             message = expected
         bad.add("columns", bad_rows["line_no"].to_numpy(), message)
     split = frame["text"].str.split_exact("\t", n_cols - 1).struct.rename_fields(list(names))
-    cols = split.struct.unnest()
-    cols = cols.with_columns(pl.when(ok).then(pl.col(c)).alias(c) for c in names)
+    cols = split.struct.unnest()  # rows with another column count are excluded later through ``ok``
     return pl.concat([frame.select("line_no"), cols], how="horizontal"), ok
 
 
@@ -292,7 +291,8 @@ def read_news(source: SourceFile, *, on_bad_rows: str = "error") -> NewsTable:
     """Parse and validate a news.tsv (8 tab-separated columns, entity columns as JSON lists)."""
     lines = read_lines(source)
     bad = BadRows(source.label)
-    cols, ok = _split_columns(lines, NEWS_COLUMNS, bad)
+    cols, ok = _split_columns(lines.frame, NEWS_COLUMNS, bad, last_line=int(lines.frame["line_no"][-1]),
+                              ends_with_newline=lines.ends_with_newline)
     del lines.frame
     empty_id = ok & (cols["NewsID"].str.strip_chars() == "")
     bad.add("empty_news_id", _first_line(cols, empty_id), "empty NewsID; expected an id such as N12345")
@@ -385,6 +385,18 @@ class NewsIds:
     def __len__(self) -> int:
         return len(self.numbers) if self.numbers is not None else len(self.strings)
 
+    def filter(self, mask: np.ndarray) -> "NewsIds":
+        if self.numbers is not None:
+            return NewsIds(self.numbers[mask], None)
+        return NewsIds(None, self.strings.filter(pl.Series(mask)))
+
+    @staticmethod
+    def concat(parts: list["NewsIds"]) -> "NewsIds":
+        if all(p.numbers is not None for p in parts):
+            return NewsIds(np.concatenate([p.numbers for p in parts]) if parts else
+                           np.zeros(0, dtype=np.int64), None)
+        return NewsIds(None, pl.concat([p.to_strings() for p in parts]))
+
     def to_strings(self, mask: np.ndarray | None = None) -> pl.Series:
         """The ids as strings (only those where ``mask`` is True)."""
         if self.numbers is not None:
@@ -415,14 +427,88 @@ class BehaviorsTable:
     no_click: int  # labelled impressions without any click (allowed, reported)
 
 
-def read_behaviors(source: SourceFile, *, on_bad_rows: str = "error") -> BehaviorsTable:
-    """Parse and validate a behaviors.tsv (5 tab-separated columns)."""
+BEHAVIORS_CHUNK_ROWS = 250_000  # rows parsed at a time: bounds the memory of the string work
+
+
+@dataclass
+class _Labelling:
+    """The split's kind of candidates, fixed by its first valid candidate (across chunks)."""
+
+    labelled: bool | None = None
+    line: int = 0
+
+
+@dataclass
+class _BehaviorsChunk:
+    """One chunk of rows: per-row values for all rows (``ok`` marks the valid ones) and the news
+    ids of the valid rows' histories and candidates (counts are 0 on invalid rows)."""
+
+    frame: pl.DataFrame  # impression_id, user_id, time, line_no, ok
+    history_ids: NewsIds
+    history_counts: np.ndarray
+    candidate_ids: NewsIds
+    candidate_counts: np.ndarray
+    clicked: np.ndarray  # bool, aligned with candidate_ids
+
+
+def read_behaviors(source: SourceFile, *, on_bad_rows: str = "error",
+                   chunk_rows: int = BEHAVIORS_CHUNK_ROWS) -> BehaviorsTable:
+    """Parse and validate a behaviors.tsv (5 tab-separated columns), ``chunk_rows`` lines at a time."""
     lines = read_lines(source)
     bad = BadRows(source.label)
-    cols, ok = _split_columns(lines, BEHAVIORS_COLUMNS, bad)
+    labelling = _Labelling()
+    last_line = int(lines.frame["line_no"][-1])
+    chunks = [_behaviors_chunk(lines.frame.slice(start, chunk_rows), bad, labelling, last_line=last_line,
+                               ends_with_newline=lines.ends_with_newline)
+              for start in range(0, len(lines.frame), chunk_rows)]
     del lines.frame
+    frame = pl.concat([c.frame for c in chunks], how="vertical")
+    history_counts = np.concatenate([c.history_counts for c in chunks])
+    candidate_counts = np.concatenate([c.candidate_counts for c in chunks])
+    clicked = np.concatenate([c.clicked for c in chunks])
+    history_ids = NewsIds.concat([c.history_ids for c in chunks])
+    candidate_ids = NewsIds.concat([c.candidate_ids for c in chunks])
+    del chunks
 
-    impression_id = cols["ImpressionID"].str.strip_chars().cast(pl.Int64, strict=False)
+    ok = frame["ok"]
+    impression_id = frame["impression_id"]
+    dup = ok & ~impression_id.is_first_distinct() & impression_id.is_not_null()
+    if dup.any():
+        value = int(impression_id.filter(dup)[0])
+        first_line = int(frame.filter(ok & (impression_id == value))["line_no"][0])
+        bad.add("duplicate_impression_id", _first_line(frame, dup),
+                f"duplicate ImpressionID {value} (first on line {first_line}); expected unique ids")
+        ok = ok & ~dup
+    if on_bad_rows == "error":
+        bad.raise_first()
+
+    ok_np = ok.to_numpy()
+    if not ok_np.all():  # rows found bad after their chunk (duplicates): drop their ids too
+        keep_hist = np.repeat(ok_np, history_counts)
+        keep_cand = np.repeat(ok_np, candidate_counts)
+        history_ids, candidate_ids = history_ids.filter(keep_hist), candidate_ids.filter(keep_cand)
+        clicked = clicked[keep_cand]
+        history_counts, candidate_counts = history_counts[ok_np], candidate_counts[ok_np]
+        frame = frame.filter(ok)
+    labels = clicked.astype(np.int8) if labelling.labelled in (True, None) else None
+    no_click = 0
+    if labels is not None and len(frame):
+        offsets = np.concatenate([[0], np.cumsum(candidate_counts)])
+        clicks = np.add.reduceat(labels.astype(np.int64), offsets[:-1]) if len(labels) else np.zeros(0)
+        no_click = int((clicks == 0).sum())
+    return BehaviorsTable(label=source.label, frame=frame.drop("ok"), history_ids=history_ids,
+                          history_counts=history_counts, candidate_ids=candidate_ids,
+                          candidate_counts=candidate_counts, labels=labels, sha256=lines.sha256,
+                          skipped=dict(bad.counts), no_click=no_click)
+
+
+def _behaviors_chunk(lines: pl.DataFrame, bad: BadRows, labelling: _Labelling, *, last_line: int,
+                     ends_with_newline: bool) -> _BehaviorsChunk:
+    """Validate and parse a slice of behaviors lines (``lines``: text, line_no)."""
+    cols, ok = _split_columns(lines, BEHAVIORS_COLUMNS, bad, last_line=last_line,
+                              ends_with_newline=ends_with_newline)
+    impression_id = pl.select(pl.when(ok).then(cols["ImpressionID"].str.strip_chars()
+                                               .cast(pl.Int64, strict=False))).to_series()
     bad_id = ok & impression_id.is_null()
     if bad_id.any():
         value = cols.filter(bad_id)["ImpressionID"][0]
@@ -448,20 +534,16 @@ def read_behaviors(source: SourceFile, *, on_bad_rows: str = "error") -> Behavio
             "no candidates in Impressions; expected news ids such as N123-1 N456-0 (or N123 N456 on test)")
     ok = ok & ~no_cand
 
-    dup = ok & ~impression_id.is_first_distinct() & impression_id.is_not_null()
-    if dup.any():
-        value = int(impression_id.filter(dup)[0])
-        first_line = int(cols.filter(ok & (impression_id == value))["line_no"][0])
-        bad.add("duplicate_impression_id", _first_line(cols, dup),
-                f"duplicate ImpressionID {value} (first on line {first_line}); expected unique ids")
-    ok = ok & ~dup
-
     # Candidates: "N123-1" (labelled) or "N123" (unlabelled, test); one kind per split.
     candidate_tokens, candidate_rows, _ = _tokens(pl.select(pl.when(ok).then(cols["Impressions"])).to_series())
-    suffix = candidate_tokens.str.slice(-2, 2)
-    labelled = suffix.is_in(["-0", "-1"]).to_numpy()
-    has_dash = candidate_tokens.str.contains("-", literal=True).to_numpy()
-    bad_label_tok = has_dash & ~labelled
+    clicked = candidate_tokens.str.ends_with("-1")
+    labelled = (clicked | candidate_tokens.str.ends_with("-0")).to_numpy()
+    clicked = clicked.to_numpy()
+    bad_label_tok = np.zeros(len(labelled), dtype=bool)
+    unlabelled_at = np.flatnonzero(~labelled)
+    if len(unlabelled_at):  # "N1-2": a dash, but not a 0/1 label
+        bad_label_tok[unlabelled_at] = candidate_tokens.gather(unlabelled_at).str.contains(
+            "-", literal=True).to_numpy()
     line_nos = cols["line_no"].to_numpy()
     ok_np = ok.to_numpy().copy()
     if bad_label_tok.any():
@@ -473,64 +555,44 @@ def read_behaviors(source: SourceFile, *, on_bad_rows: str = "error") -> Behavio
         ok_np[rows] = False
     valid_tok = ok_np[candidate_rows]
     if valid_tok.any():
-        first_kind = bool(labelled[np.argmax(valid_tok)])
-        other = valid_tok & (labelled != first_kind)
+        if labelling.labelled is None:
+            labelling.labelled = bool(labelled[np.argmax(valid_tok)])
+            labelling.line = int(line_nos[candidate_rows[np.argmax(valid_tok)]])
+        other = valid_tok & (labelled != labelling.labelled)
         if other.any():
             rows = np.unique(candidate_rows[other])
             token = candidate_tokens.filter(pl.Series(other))[0]
-            first_line = int(line_nos[candidate_rows[np.argmax(valid_tok)]])
-            if first_kind:
+            if labelling.labelled:
                 what = (f"candidate {token!r} has no label but the split's candidates are labelled "
-                        f"(N123-1) from line {first_line}; expected every candidate labelled, or none "
-                        f"(test split)")
+                        f"(N123-1) from line {labelling.line}; expected every candidate labelled, or "
+                        f"none (test split)")
             else:
                 what = (f"candidate {token!r} is labelled but the split's candidates are unlabelled "
-                        f"from line {first_line}; expected every candidate labelled, or none (test split)")
+                        f"from line {labelling.line}; expected every candidate labelled, or none "
+                        f"(test split)")
             bad.add("mixed_labels", line_nos[rows], what)
             ok_np[rows] = False
-        is_labelled = first_kind
-    else:
-        is_labelled = True
-
-    if on_bad_rows == "error":
-        bad.raise_first()
 
     keep_tok = ok_np[candidate_rows]
     if not keep_tok.all():
-        keep_series = pl.Series(keep_tok)
-        candidate_tokens = candidate_tokens.filter(keep_series)
-        suffix = suffix.filter(keep_series)
-        candidate_rows = candidate_rows[keep_tok]
-    candidate_counts = np.bincount(candidate_rows, minlength=len(ok_np)).astype(np.int64)[ok_np]
-    if is_labelled:
-        labels = (suffix == "-1").to_numpy().astype(np.int8)
+        candidate_tokens = candidate_tokens.filter(pl.Series(keep_tok))
+        clicked, labelled, candidate_rows = clicked[keep_tok], labelled[keep_tok], candidate_rows[keep_tok]
+    candidate_counts = np.bincount(candidate_rows, minlength=len(ok_np)).astype(np.int64)
+    if labelled.all() and len(labelled):
         candidate_ids = NewsIds.from_tokens(candidate_tokens.str.head(-2))
     else:
-        labels = None
         candidate_ids = NewsIds.from_tokens(candidate_tokens)
-    del candidate_tokens, suffix, candidate_rows
+    del candidate_tokens, candidate_rows
 
     ok_series = pl.Series(ok_np)
-    history_tokens, history_rows, _ = _tokens(cols["History"].filter(ok_series))
+    history_tokens, _, history_counts = _tokens(pl.select(pl.when(ok_series).then(cols["History"])).to_series())
     history_ids = NewsIds.from_tokens(history_tokens)
     del history_tokens
-    history_counts = np.bincount(history_rows, minlength=int(ok_np.sum())).astype(np.int64)
-    del history_rows
-    frame = pl.DataFrame({
-        "impression_id": impression_id.filter(ok_series),
-        "user_id": user.filter(ok_series),
-        "time": time.filter(ok_series),
-        "line_no": cols["line_no"].filter(ok_series),
-    })
-    no_click = 0
-    if labels is not None and len(frame):
-        offsets = np.concatenate([[0], np.cumsum(candidate_counts)])
-        clicks = np.add.reduceat(labels.astype(np.int64), offsets[:-1]) if len(labels) else np.zeros(0)
-        no_click = int((clicks == 0).sum())
-    return BehaviorsTable(label=source.label, frame=frame, history_ids=history_ids,
-                          history_counts=history_counts, candidate_ids=candidate_ids,
-                          candidate_counts=candidate_counts, labels=labels, sha256=lines.sha256,
-                          skipped=dict(bad.counts), no_click=no_click)
+    frame = pl.DataFrame({"impression_id": impression_id, "user_id": user, "time": time,
+                          "line_no": cols["line_no"], "ok": ok_series})
+    return _BehaviorsChunk(frame=frame, history_ids=history_ids, history_counts=history_counts,
+                           candidate_ids=candidate_ids, candidate_counts=candidate_counts,
+                           clicked=clicked.astype(bool))
 
 
 # ---------------------------------------------------------------------------------------------
