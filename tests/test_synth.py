@@ -71,6 +71,8 @@ def test_same_seed_same_bytes_other_seed_differs(tiny, tmp_path):
 
 def test_zip_members_at_root(tiny):
     out, _ = tiny
+    for path in [*out.glob("*.zip"), out / "ground_truth", *(out / "ground_truth").iterdir()]:
+        assert path.stat().st_mode & 0o044 == 0o044, f"{path} should be readable by others"
     for split in ("train", "dev", "test"):
         with zipfile.ZipFile(out / f"MINDsynth_{split}.zip") as archive:
             assert set(archive.namelist()) == {"news.tsv", "behaviors.tsv", "entity_embedding.vec",

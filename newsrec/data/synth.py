@@ -938,6 +938,8 @@ def generate(out_dir: str | Path, *, size: str | SynthSize = "small", seed: int 
         }
         write_json(truth_dir / "oracle_metrics.json", {**oracle, "click_model": summary["click_model"]})
         write_json(truth_dir / "summary.json", summary)
-        truth_dir.chmod(0o755)
         (truth_dir / "README.txt").write_text(_GROUND_TRUTH_README.replace("{split}", "<split>"), encoding="utf-8")
+        truth_dir.chmod(0o755)  # temporary files and folders are private; the data set is not
+        for path in truth_dir.iterdir():
+            path.chmod(0o644)
     return summary
