@@ -34,6 +34,7 @@ its highest draw clicked. The oracle scores a candidate by its true click probab
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -210,8 +211,9 @@ def _fill_unique(targets: np.ndarray, draw: Any, n_items: int, *, rounds: int = 
         new_item, valid = draw(new_owner)
         owner = np.concatenate([owner, new_owner[valid]])
         item = np.concatenate([item, new_item[valid]])
-        order = np.argsort(owner, kind="stable")  # earlier rounds first within an owner
-        owner, item = owner[order], item[order]
+        if round_index:
+            order = np.argsort(owner, kind="stable")  # earlier rounds first within an owner
+            owner, item = owner[order], item[order]
         keep = _dedupe_first(owner, item, n_items)
         owner, item = owner[keep], item[keep]
         keep = _rank_within(owner, n) < targets[owner]
@@ -276,6 +278,10 @@ class _World:
     history_news: np.ndarray | None = None
     history_text: pl.Series | None = None
     bias: float = 0.0  # calibrated logit bias (click rate ~ model.click_rate)
+
+    @functools.cached_property
+    def news_id_text(self) -> pl.Series:
+        return pl.Series(self.news_ids, dtype=pl.String)
 
     @property
     def n_interest_items(self) -> int:
@@ -538,7 +544,7 @@ def _build_histories(rng: np.random.Generator, world: _World) -> None:
 
 def _join_ids(world: _World, news: np.ndarray, offsets: np.ndarray, labels: np.ndarray | None) -> pl.Series:
     """One space-joined string per CSR row: ``N1 N2`` or ``N1-1 N2-0`` when labels are given."""
-    tokens = pl.Series(world.news_ids, dtype=pl.String).gather(news)
+    tokens = world.news_id_text.gather(news)
     if labels is not None:
         tokens = tokens + pl.Series(np.where(labels, "-1", "-0"), dtype=pl.String)
     return _csr_lists(tokens, offsets).list.join(" ")
@@ -806,7 +812,7 @@ def _truth_frame(world: _World, result: _SplitResult) -> tuple[pl.DataFrame, dic
     frame = pl.DataFrame({
         "impression_id": np.concatenate(result.impression_ids),
         "user_id": pl.Series(world.user_ids, dtype=pl.String).gather(arrays["user"]),
-        "candidates": _csr_lists(pl.Series(world.news_ids, dtype=pl.String).gather(arrays["news"]), offsets_all),
+        "candidates": _csr_lists(world.news_id_text.gather(arrays["news"]), offsets_all),
         "probability": _csr_lists(pl.Series(arrays["probability"]), offsets_all),
         "label": _csr_lists(pl.Series(arrays["label"]), offsets_all),
     })
