@@ -1,0 +1,226 @@
+"""Training throughput at MIND shapes (batch 32, title 30, history 50, npratio 4) on this machine.
+
+Variants measured in one run on the same Zipf-like batches (so deduplication is measured honestly):
+
+    naive          one encoder call over all B·(history + 1 + npratio) titles of a batch, fp32
+    dedup          each unique news of the batch encoded once (what `newsrec train` does), fp32
+    dedup+bf16     + bf16 autocast, unique count padded to train.bucket_size (stable shapes)
+    dedup+bf16+frozen  + frozen word embeddings (model.freeze_embeddings)
+
+Each is reported in training samples/s, as a ratio to naive, and as a fraction of the machine's
+measured matrix-multiply rate (FLOPs of one step counted by torch's FLOP counter). Then Fastformer vs
+MHSA training samples/s at history 50 and 1,000. Prints tables; writes
+docs/benchmarks/train_speed.{json,png}.
+
+    python benchmarks/train_speed.py [--threads 2] [--steps 6] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import format_table, machine_info, matmul_ceiling, save_figure, use_agg_backend, write_results  # noqa: E402
+
+from newsrec.config import config_from_dict  # noqa: E402
+from newsrec.data.artifact import Impressions  # noqa: E402
+from newsrec.models.recommender import NewsRecommender  # noqa: E402
+from newsrec.train.batching import Batch, BatchBuilder  # noqa: E402
+from newsrec.train.loop import NRMSObjective, build_optimizer  # noqa: E402
+
+VOCAB = 30_000
+N_NEWS = 50_000
+TITLE_LEN = 30
+BATCH = 32
+NPRATIO = 4
+
+
+def zipf_impressions(*, n_impressions: int, history_len: int, seed: int = 0) -> Impressions:
+    """Impressions whose histories and candidates follow Zipf-like news popularity (a ≈ 1.1), as in
+    MIND where about half the titles of a training batch are repeats."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, N_NEWS + 1) ** 1.1
+    weights /= weights.sum()
+    popular = rng.permutation(N_NEWS) + 1
+
+    def draw(k: int) -> np.ndarray:
+        return popular[rng.choice(N_NEWS, size=k, p=weights)].astype(np.int32)
+
+    hist = draw(n_impressions * history_len)
+    hist_off = np.arange(0, n_impressions * history_len + 1, history_len, dtype=np.int64)
+    n_cand = 20
+    cand = draw(n_impressions * n_cand)
+    labels = np.zeros(n_impressions * n_cand, dtype=np.int8)
+    labels[::n_cand] = 1
+    cand_off = np.arange(0, n_impressions * n_cand + 1, n_cand, dtype=np.int64)
+    return Impressions("train", np.arange(n_impressions, dtype=np.int64),
+                       np.array(["u"] * n_impressions, dtype=object),
+                       np.zeros(n_impressions, dtype="datetime64[us]"), hist, hist_off, cand, cand_off, labels)
+
+
+def titles(seed: int = 1) -> np.ndarray:
+    """int32 [N_NEWS + 1, TITLE_LEN]: lengths ~ MIND's (mean ~11.5 words), padded to 30."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, VOCAB, size=(N_NEWS + 1, TITLE_LEN), dtype=np.int32)
+    lengths = np.clip(rng.poisson(11.5, size=N_NEWS + 1), 3, TITLE_LEN)
+    tokens[np.arange(TITLE_LEN)[None, :] >= lengths[:, None]] = 0
+    tokens[0] = 0
+    return tokens
+
+
+def make_model(encoder: str, *, freeze: bool = False, history_len: int = 50) -> NewsRecommender:
+    cfg = config_from_dict({"model": {"encoder": encoder, "freeze_embeddings": freeze, "dropout": 0.2}})
+    torch.manual_seed(0)
+    return NewsRecommender(cfg.model, vocab_size=VOCAB, n_categories=20, n_subcategories=200,
+                           max_history=history_len)
+
+
+def build_batches(impressions: Impressions, tokens: np.ndarray, *, history_len: int, bucket: int | None,
+                  n: int) -> tuple[list[Batch], float]:
+    cat = np.arange(N_NEWS + 1) % 20
+    sub = np.arange(N_NEWS + 1) % 200
+    builder = BatchBuilder(impressions, title_tokens=tokens, category=cat, subcategory=sub,
+                           batch_size=BATCH, npratio=NPRATIO, history_len=history_len, seed=0,
+                           bucket_size=bucket)
+    started = time.perf_counter()
+    batches = [builder.build(0, b) for b in range(n)]
+    return batches, (time.perf_counter() - started) / n
+
+
+def dedup_step(objective: NRMSObjective, optimizer: torch.optim.Optimizer, batch: Batch, *, bf16: bool) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = objective(batch.title_tokens, batch.category, batch.subcategory, batch.history_slots,
+                         batch.history_mask, batch.candidate_slots, batch.candidate_mask)
+    (loss / batch.size).backward()
+    torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
+    optimizer.step()
+
+
+def naive_step(model: NewsRecommender, optimizer: torch.optim.Optimizer, batch: Batch, tokens: torch.Tensor) -> None:
+    """Every title slot of the batch encoded, repeats and padding included, in one call."""
+    optimizer.zero_grad(set_to_none=True)
+    b, h = batch.history.shape
+    news = torch.cat([batch.history, batch.candidates], dim=1).reshape(-1)  # (B·(H+C),)
+    vectors = model.encode_news(tokens[news], news % 20, news % 200).view(b, h + batch.candidates.shape[1], -1)
+    user = model.encode_user(vectors[:, :h], batch.history_mask)
+    logits = model.score(user, vectors[:, h:]).masked_fill(~batch.candidate_mask, float("-inf"))
+    loss = torch.nn.functional.cross_entropy(logits, torch.zeros(b, dtype=torch.long))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def measure(step: Any, batches: list[Batch], *, steps: int) -> tuple[float, float]:
+    """(median seconds per step, step FLOPs) over ``steps`` steps after 2 warm-up steps."""
+    step(batches[0])
+    step(batches[1 % len(batches)])
+    with FlopCounterMode(display=False) as counter:
+        step(batches[0])
+    flops = counter.get_total_flops()
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        step(batches[(i + 2) % len(batches)])
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), float(flops)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--quick", action="store_true", help="fewer steps; skip history 1,000")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    steps = 3 if args.quick else args.steps
+
+    print(f"machine: {machine_info()['cpu']}, {args.threads} threads, torch {torch.__version__}")
+    fp32_ceiling = matmul_ceiling(torch.float32)
+    bf16_ceiling = matmul_ceiling(torch.bfloat16)
+    print(f"matmul ceiling: fp32 {fp32_ceiling:.0f} GFLOP/s, bf16 {bf16_ceiling:.0f} GFLOP/s")
+    tokens_np = titles()
+    tokens = torch.from_numpy(tokens_np.astype(np.int64))
+    impressions = zipf_impressions(n_impressions=2_000, history_len=50)
+    n_batches = steps + 3
+    plain, build_s = build_batches(impressions, tokens_np, history_len=50, bucket=None, n=n_batches)
+    bucketed, _ = build_batches(impressions, tokens_np, history_len=50, bucket=64, n=n_batches)
+    slots = BATCH * (50 + 1 + NPRATIO)
+    unique_share = float(np.mean([b.n_unique for b in plain])) / slots
+    print(f"batch: {slots} title slots, {unique_share:.0%} unique news; batch build {build_s * 1e3:.1f} ms "
+          f"(background thread)")
+
+    rows: list[dict[str, Any]] = []
+
+    def record(name: str, seconds: float, flops: float, ceiling: float) -> None:
+        rows.append({"variant": name, "samples_s": BATCH / seconds, "ms_step": seconds * 1e3,
+                     "gflop_s": flops / seconds / 1e9, "of_matmul_peak": flops / seconds / 1e9 / ceiling})
+
+    model = make_model("fastformer")
+    opt = build_optimizer(model, config_from_dict({}))
+    record("naive", *measure(lambda b: naive_step(model, opt, b, tokens), plain, steps=max(2, steps // 2)),
+           fp32_ceiling)
+    for name, bf16, freeze, batches in (("dedup", False, False, plain), ("dedup+bf16", True, False, bucketed),
+                                        ("dedup+bf16+frozen", True, True, bucketed)):
+        model = make_model("fastformer", freeze=freeze)
+        objective = NRMSObjective(model)
+        opt = build_optimizer(model, config_from_dict({}))
+        record(name, *measure(lambda b: dedup_step(objective, opt, b, bf16=bf16), batches, steps=steps),
+               bf16_ceiling if bf16 else fp32_ceiling)
+    naive_rate = rows[0]["samples_s"]
+    for r in rows:
+        r["vs_naive"] = r["samples_s"] / naive_rate
+    print("\nTraining step at MIND shapes (Fastformer, hidden 256, 16 heads, 300-d words)")
+    print(format_table(rows, ["variant", "samples_s", "vs_naive", "ms_step", "gflop_s", "of_matmul_peak"]))
+
+    scaling: list[dict[str, Any]] = []
+    lengths = (50,) if args.quick else (50, 1000)
+    for history_len in lengths:
+        imps = zipf_impressions(n_impressions=400, history_len=history_len, seed=2)
+        batches, _ = build_batches(imps, tokens_np, history_len=history_len, bucket=64, n=4)
+        row: dict[str, Any] = {"history_len": history_len}
+        for encoder in ("fastformer", "mhsa"):
+            model = make_model(encoder, history_len=history_len)
+            objective = NRMSObjective(model)
+            opt = build_optimizer(model, config_from_dict({}))
+            seconds, _ = measure(lambda b: dedup_step(objective, opt, b, bf16=True), batches, steps=2)
+            row[f"{encoder}_samples_s"] = BATCH / seconds
+        row["ratio"] = row["fastformer_samples_s"] / row["mhsa_samples_s"]
+        scaling.append(row)
+    print("\nFastformer vs MHSA, training samples/s (dedup + bf16)")
+    print(format_table(scaling))
+
+    write_results("train_speed", {"variants": rows, "history_scaling": scaling, "unique_share": unique_share,
+                                  "batch_build_ms": build_s * 1e3, "matmul_gflops": {"fp32": fp32_ceiling,
+                                                                                     "bf16": bf16_ceiling},
+                                  "threads": args.threads, "shapes": {"batch": BATCH, "title_len": TITLE_LEN,
+                                                                      "history_len": 50, "npratio": NPRATIO}})
+    use_agg_backend()
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].barh([r["variant"] for r in rows], [r["samples_s"] for r in rows], color="#4477aa")
+    axes[0].set_xlabel("training samples/s")
+    axes[0].set_title("Step at MIND shapes (B=32, T=30, H=50, np=4)")
+    for i, r in enumerate(rows):
+        axes[0].text(r["samples_s"], i, f" {r['vs_naive']:.1f}×", va="center")
+    labels = [str(r["history_len"]) for r in scaling]
+    x = np.arange(len(scaling))
+    axes[1].bar(x - 0.2, [r["fastformer_samples_s"] for r in scaling], 0.4, label="Fastformer")
+    axes[1].bar(x + 0.2, [r["mhsa_samples_s"] for r in scaling], 0.4, label="MHSA")
+    axes[1].set_xticks(x, labels)
+    axes[1].set_xlabel("history length")
+    axes[1].set_ylabel("training samples/s")
+    axes[1].legend()
+    save_figure(fig, "train_speed")
+
+
+if __name__ == "__main__":
+    main()
