@@ -83,26 +83,42 @@ class Timing:
         return asdict(self)
 
 
-def time_fn(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5, min_seconds: float = 0.0) -> Timing:
-    """Call ``fn`` ``warmup`` times, then at least ``repeat`` times (and until ``min_seconds`` have
-    passed); report median and best wall time per call."""
+def time_fn(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5, min_seconds: float = 0.0,
+            max_seconds: float | None = None) -> Timing:
+    """Call ``fn`` ``warmup`` times, then ``repeat`` times (more until ``min_seconds`` have passed;
+    fewer, but at least once, when ``max_seconds`` have passed); report median and best wall time
+    per call."""
     for _ in range(warmup):
         fn()
     times: list[float] = []
     started = time.perf_counter()
-    while len(times) < repeat or time.perf_counter() - started < min_seconds:
+    while True:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - started
+        if max_seconds is not None and elapsed >= max_seconds:
+            break
+        if len(times) >= repeat and elapsed >= min_seconds:
+            break
     return Timing(median=statistics.median(times), best=min(times), times=times)
 
 
-def matmul_ceiling(dtype: torch.dtype = torch.float32, *, size: int = 2048, repeat: int = 5) -> float:
+def matmul_ceiling(dtype: torch.dtype = torch.float32, *, size: int = 2048, repeat: int = 5,
+                   max_seconds: float = 5.0) -> float:
     """Measured GFLOP/s of a square ``size``³ matrix product in ``dtype`` on this machine (best of
-    ``repeat``): the ceiling the model's achieved rate is compared to."""
+    up to ``repeat`` calls within ``max_seconds``): the ceiling achieved rates are compared to.
+
+    A CPU without bf16 matrix units (no AMX / AVX512-BF16) runs bf16 products far *slower* than
+    fp32; a probe at 256³ shrinks ``size`` so that such a machine still answers in seconds."""
+    probe_a, probe_b = torch.randn(256, 256).to(dtype), torch.randn(256, 256).to(dtype)
+    probe = time_fn(lambda: torch.mm(probe_a, probe_b), warmup=1, repeat=3)
+    probe_rate = 2 * 256 ** 3 / probe.best  # FLOP/s
+    while size > 256 and 2 * size ** 3 / probe_rate > max_seconds / 4:
+        size //= 2
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
-    timing = time_fn(lambda: torch.mm(a, b), warmup=2, repeat=repeat)
+    timing = time_fn(lambda: torch.mm(a, b), warmup=1, repeat=repeat, max_seconds=max_seconds)
     return 2 * size ** 3 / timing.best / 1e9
 
 

@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     fp32 = matmul_ceiling(torch.float32, size=mm_size)
     bf16 = matmul_ceiling(torch.bfloat16, size=mm_size)
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-          f"{args.threads} threads")
-    print(f"matmul ceiling: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s\n")
+          f"{args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"matmul ceiling: fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s\n", flush=True)
 
     print(f"one layer, B={BATCH}, forward+backward")
     layer_rows = layer_scaling(dims, lengths, repeat=repeat, fp32_ceiling=fp32)
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
 
     json_path = write_results(name, {
         "machine": machine, "threads": args.threads, "quick": args.quick, "batch": BATCH,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "matmul_gflops": {"fp32": fp32, "bf16": bf16},
         "layer": layer_rows, "user_encoder": user_rows,
         "user_encoder_per_position_growth": growth,
