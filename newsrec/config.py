@@ -108,19 +108,34 @@ class TrainConfig:
 class RerankConfig:
     """Second stage: candidate-aware Fastformer re-ranker with popularity/freshness/retrieval signals."""
 
-    hidden_size: int = 128
-    num_heads: int = 8
+    hidden_size: int = 64  # re-ranker width d (its inputs are the frozen first-stage news vectors)
+    num_heads: int = 4
     num_layers: int = 1
     dropout: float = 0.1
+    history_len: int = 0  # most recent clicks read per candidate; 0 = data.history_len
     popularity_prior: float = 20.0  # pseudo-impressions shrinking click-through toward the mean
+    npratio: int = 4  # impression non-clicks drawn per click, afresh each epoch
     hard_negatives: int = 4  # retrieved non-clicked news added per training sample
+    hard_negative_pool: int = 50  # hard negatives are drawn from the first stage's top this-many
+    max_train_impressions: int = 0  # 0 = every train impression; else the most recent this-many
     epochs: int = 2
     batch_size: int = 64
     lr: float = 1e-3
+    weight_decay: float = 0.01
+    seed: int = 42
+    eval_batch_size: int = 128  # impressions per re-ranking batch when scoring a split
 
     def __post_init__(self) -> None:
-        _positive(self, "hidden_size", "num_heads", "num_layers", "epochs", "batch_size")
-        _non_negative(self, "hard_negatives", "popularity_prior")
+        _positive(self, "hidden_size", "num_heads", "num_layers", "epochs", "batch_size", "npratio",
+                  "hard_negative_pool", "eval_batch_size")
+        _non_negative(self, "hard_negatives", "popularity_prior", "history_len", "max_train_impressions")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"rerank.hidden_size={self.hidden_size} must be divisible by "
+                              f"rerank.num_heads={self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"rerank.dropout={self.dropout} must be in [0, 1)")
+        if self.lr <= 0:
+            raise ConfigError(f"rerank.lr={self.lr} must be > 0")
 
 
 @dataclass
