@@ -140,27 +140,37 @@ class RerankConfig:
 
 @dataclass
 class IndexConfig:
-    """FAISS inner-product index over news vectors."""
+    """FAISS inner-product index over news vectors.
+
+    Approximate kinds (hnsw, ivf, ivfpq) search an L2 index over the news vectors extended by one
+    coordinate sqrt(M² − ‖x‖²) (M = the largest norm at build time): nearest in L2 there is largest
+    inner product here. Search parameters are recorded in the index manifest at build time."""
 
     kind: str = "auto"  # "auto" | "flat" | "hnsw" | "ivf" | "ivfpq"
-    flat_max: int = 200_000  # auto: exact search up to this many news, HNSW above
+    flat_max: int = 200_000  # auto: exact search up to this many news, ann_kind above
+    ann_kind: str = "ivf"  # the approximate kind auto picks above flat_max: "ivf" | "hnsw" | "ivfpq"
     device: str = "auto"  # "auto" (a GPU when faiss-gpu sees one) | "cpu" | "cuda"
-    hnsw_m: int = 32
-    hnsw_ef_search: int = 128  # search beam; raised to 2*k per query when that is larger
-    hnsw_ef_construction: int = 80
+    hnsw_m: int = 32  # graph neighbours per node
+    hnsw_ef_search: int = 256  # search beam; raised to the number of rows asked for when larger
+    hnsw_ef_construction: int = 100
     ivf_nlist: int = 0  # 0 = 4*sqrt(n)
-    ivf_nprobe: int = 32
+    ivf_nprobe: int = 64  # inverted lists visited per query
     ivf_train_size: int = 100_000  # vectors sampled to train the coarse quantiser (and PQ)
-    pq_m: int = 32  # sub-quantisers of IVF-PQ; must divide the vector width
+    pq_m: int = 32  # sub-quantisers of IVF-PQ (the extended vector is zero-padded to a multiple)
+    pq_k_factor: int = 8  # IVF-PQ proposes k * pq_k_factor rows, re-scored exactly, to return k
+    search_threads: int = 1  # faiss threads per online search (< 16 queries; batches use every core)
+    build_threads: int = 0  # faiss threads while building; 0 = every core
     encode_batch_size: int = 1024  # news titles per encoder call when building
     seed: int = 42
 
     def __post_init__(self) -> None:
         _choice(self, "kind", ("auto", "flat", "hnsw", "ivf", "ivfpq"))
+        _choice(self, "ann_kind", ("hnsw", "ivf", "ivfpq"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _positive(self, "flat_max", "hnsw_m", "hnsw_ef_search", "hnsw_ef_construction",
-                  "ivf_nprobe", "ivf_train_size", "pq_m", "encode_batch_size")
-        _non_negative(self, "ivf_nlist")
+                  "ivf_nprobe", "ivf_train_size", "pq_m", "pq_k_factor", "search_threads",
+                  "encode_batch_size")
+        _non_negative(self, "ivf_nlist", "build_threads")
 
 
 @dataclass

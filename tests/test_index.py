@@ -9,7 +9,8 @@ import pytest
 
 from newsrec.config import IndexConfig
 from newsrec.errors import ArtifactError, NewsrecError
-from newsrec.serve.index import build_index, choose_kind, load_index
+from newsrec.serve.index import (build_index, choose_kind, extend_for_l2, extend_queries, load_index,
+                                 max_norm_of)
 
 
 def clustered_vectors(n: int, dim: int, *, n_clusters: int = 20, seed: int = 0) -> np.ndarray:
@@ -29,7 +30,8 @@ def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nd
 def test_choose_kind_by_size():
     cfg = IndexConfig(flat_max=1000)
     assert choose_kind(1000, cfg) == "flat"
-    assert choose_kind(1001, cfg) == "hnsw"
+    assert choose_kind(1001, cfg) == "ivf"
+    assert choose_kind(1001, IndexConfig(flat_max=1000, ann_kind="hnsw")) == "hnsw"
     assert choose_kind(10, IndexConfig(kind="ivfpq")) == "ivfpq"
 
 
@@ -87,11 +89,77 @@ def test_ivfpq_rescored_exactly():
     vectors = clustered_vectors(3000, 32, n_clusters=30, seed=6)
     cfg = IndexConfig(kind="ivfpq", pq_m=8, ivf_nprobe=16)
     index = build_index(vectors, np.arange(1, 3001), cfg=cfg, base_news=3000)
+    assert index.faiss_index.d == 40  # 32 + the MIPS coordinate, zero-padded to a multiple of pq_m
     result = index.search(vectors[:3], 10)
     exact = np.einsum("bkd,bd->bk", vectors[result.keys - 1], vectors[:3])
     np.testing.assert_allclose(result.scores, exact, rtol=1e-5, atol=1e-4)
-    with pytest.raises(NewsrecError, match="pq_m"):
-        build_index(vectors[:, :30], np.arange(1, 3001), cfg=cfg, base_news=3000)
+    rows, _ = brute_force(vectors, vectors[:3], 10)
+    np.testing.assert_array_equal(result.keys, rows + 1)  # the shortlist (k * pq_k_factor) holds the top 10
+
+
+def norm_spread_vectors(n: int, dim: int, *, seed: int) -> np.ndarray:
+    """Clustered vectors whose norms vary (lognormal, sigma 0.3) like trained news vectors."""
+    scale = np.random.default_rng(seed + 100).lognormal(0.0, 0.3, size=(n, 1)).astype(np.float32)
+    return clustered_vectors(n, dim, n_clusters=25, seed=seed) * scale
+
+
+def test_default_params_recall_on_clustered_20k():
+    """recall@100 ≥ 0.95 against exact inner product with the default approximate kind and its
+    default parameters, on 20k clustered news vectors with a lognormal norm spread and two-topic
+    user queries."""
+    kind = IndexConfig().ann_kind
+    vectors = norm_spread_vectors(20_000, 32, seed=15)
+    queries = (vectors[:200:2] + vectors[1:200:2]) / 2  # users mixing two news' topics
+    index = build_index(vectors, np.arange(1, 20_001), cfg=IndexConfig(kind=kind, build_threads=1),
+                        base_news=20_000, show_progress=False)
+    result = index.search(queries, 100)
+    rows, _ = brute_force(vectors, queries, 100)
+    recall = np.mean([len(set(result.keys[b]) & set(rows[b] + 1)) / 100 for b in range(len(queries))])
+    assert recall >= 0.95, recall
+
+
+def test_l2_reduction_orders_like_inner_product():
+    vectors = norm_spread_vectors(400, 12, seed=11)
+    queries = norm_spread_vectors(9, 12, seed=12)
+    m = max_norm_of(vectors)
+    assert m == pytest.approx(np.linalg.norm(vectors, axis=1).max(), rel=1e-6)
+    extended, overflow = extend_for_l2(vectors, max_norm=m, width=13)
+    assert extended.shape == (400, 13) and not overflow.any()
+    np.testing.assert_allclose(np.linalg.norm(extended, axis=1), m, rtol=1e-4)  # all on one sphere
+    q = extend_queries(queries, 13).astype(np.float64)
+    l2 = ((q[:, None, :] - extended[None, :, :].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_allclose(l2, (queries ** 2).sum(1)[:, None] + m ** 2 - 2 * queries @ vectors.T,
+                               rtol=1e-4, atol=1e-3)
+    rows, _ = brute_force(vectors, queries, 20)
+    np.testing.assert_array_equal(np.argsort(l2, axis=1, kind="stable")[:, :20], rows)
+    # and the HNSW index over the extended vectors, with a beam covering the pool, is exact
+    index = build_index(vectors, np.arange(1, 401), cfg=IndexConfig(kind="hnsw", hnsw_ef_search=400),
+                        base_news=400)
+    assert index.params["max_norm"] == pytest.approx(m) and index.faiss_index.d == 13
+    np.testing.assert_array_equal(index.search(queries, 20).keys, rows + 1)
+
+
+def test_fresh_news_longer_than_max_norm_are_found_and_ranked(tmp_path):
+    vectors = norm_spread_vectors(3000, 16, seed=13)
+    index = build_index(vectors, np.arange(1, 3001), cfg=IndexConfig(kind="hnsw"), base_news=3000)
+    m = index.max_norm
+    queries = norm_spread_vectors(6, 16, seed=14)
+    # fresh news along each query, 2x longer than anything indexed: each must come first for its
+    # query, with its exact score, although the reduction cannot place it on the sphere of radius M
+    fresh = 2.0 * m * queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    keys = np.arange(3001, 3007)
+    index.add(fresh, keys)
+    assert index.overflow_count == 6 and index.max_norm == m  # M is kept for later news
+    all_vectors = np.concatenate([vectors, fresh])
+    for idx in (index, index.save(tmp_path / "idx") and load_index(tmp_path / "idx")):
+        assert idx.overflow_count == 6
+        result = idx.search(queries, 10)
+        np.testing.assert_array_equal(result.keys[:, 0], keys)
+        np.testing.assert_allclose(result.scores[:, 0], np.einsum("bd,bd->b", fresh, queries), rtol=1e-5)
+        rows, _ = brute_force(all_vectors, queries, 10)
+        overlap = np.mean([len(set(result.keys[b]) & set(rows[b] + 1)) / 10 for b in range(6)])
+        assert overlap >= 0.9, overlap
+        assert not set(idx.search(queries, 10, exclude=[{3001}] * 6).keys[0].tolist()) & {3001}
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])

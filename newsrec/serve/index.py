@@ -14,15 +14,28 @@ live in ``fresh_news.json``. Keys are never reused, so an id map never needs a r
 
 Search returns exact inner products: the approximate index proposes rows, the stored vectors
 re-score them, so HNSW / IVF-PQ only affect which rows are found, never their scores.
+
+Maximum inner product → nearest neighbour. Inner product is not a metric, and HNSW / IVF built on it
+find far fewer of the true top-k (graph and k-means both assume a metric). The approximate kinds
+index each news vector x extended by one coordinate, ``[x, sqrt(M² − ‖x‖²)]``, and search with
+``[q, 0]``: then ``‖q' − x'‖² = ‖q‖² + M² − 2 q·x``, so the L2 order is exactly the inner-product
+order. M (``params["max_norm"]``) is the largest news norm at build time and is kept in the
+manifest, so fresh news added later are extended with the same M. A fresh news with a norm above M
+cannot be placed on that sphere: it is added with a 0 extra coordinate and recorded as an
+*overflow* row, and every search also scores all overflow rows exactly, so such news are still
+found and ranked right (at a small exact-scan cost per overflow row; ``newsrec index`` rebuilds
+with a new M).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import faiss
 import numpy as np
@@ -31,21 +44,27 @@ from newsrec.config import IndexConfig
 from newsrec.errors import ArtifactError, NewsrecError
 from newsrec.utils.io import atomic_dir, read_json, write_json
 
-INDEX_SCHEMA_VERSION = 1
+INDEX_SCHEMA_VERSION = 2
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.npy"
 VECTORS_FILE = "vectors.npy"
 FRESH_FILE = "fresh_news.json"
 MANIFEST_FILE = "manifest.json"
 KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+APPROXIMATE_KINDS = ("hnsw", "ivf", "ivfpq")
+BATCH_QUERIES = 16  # a search of this many queries or more is a batch: it uses every core
 
 
 def choose_kind(n_vectors: int, cfg: IndexConfig) -> str:
     """The index kind for a pool of ``n_vectors``: ``cfg.kind``, or with ``auto`` exact search up
-    to ``cfg.flat_max`` vectors and HNSW above."""
+    to ``cfg.flat_max`` vectors and ``cfg.ann_kind`` (IVF-Flat by default) above.
+
+    IVF-Flat is the default approximate kind because its recall holds on vectors whose clusters are
+    high-dimensional blobs (recall@100 ≥ 0.99 where HNSW stays near 0.5-0.7 at any efSearch;
+    docs/benchmarks/serve_ann.json); HNSW remains available with ``index.ann_kind=hnsw``."""
     if cfg.kind != "auto":
         return cfg.kind
-    return "flat" if n_vectors <= cfg.flat_max else "hnsw"
+    return "flat" if n_vectors <= cfg.flat_max else cfg.ann_kind
 
 
 def gpu_available() -> bool:
@@ -69,34 +88,134 @@ def _ivf_nlist(n_vectors: int, cfg: IndexConfig) -> int:
     return max(1, min(nlist, n_vectors // 39 if n_vectors >= 39 else 1))
 
 
-def _new_faiss_index(kind: str, dim: int, n_vectors: int, cfg: IndexConfig) -> tuple[Any, dict]:
-    """An empty (untrained for IVF) faiss index and the parameters it was made with."""
-    ip = faiss.METRIC_INNER_PRODUCT
+def extended_width(kind: str, dim: int, cfg: IndexConfig) -> int:
+    """Width of the vectors the faiss index holds: ``dim`` for flat, ``dim + 1`` (the MIPS
+    coordinate) for HNSW / IVF, zero-padded up to a multiple of ``pq_m`` for IVF-PQ."""
     if kind == "flat":
-        return faiss.IndexFlatIP(dim), {}
+        return dim
+    if kind == "ivfpq":
+        return cfg.pq_m * math.ceil((dim + 1) / cfg.pq_m)
+    return dim + 1
+
+
+def max_norm_of(vectors: np.ndarray) -> float:
+    """The M of the MIPS→L2 reduction for ``vectors`` float32 [n, dim]: their largest L2 norm
+    (1.0 for an empty or all-zero pool)."""
+    norms = _norms(vectors)
+    top = float(norms.max()) if len(norms) else 0.0
+    return top if top > 0 else 1.0
+
+
+def _norms(vectors: np.ndarray) -> np.ndarray:
+    """float64 [n] L2 norms, computed in blocks (bounded memory for millions of rows)."""
+    out = np.empty(len(vectors), dtype=np.float64)
+    for s in range(0, len(vectors), 100_000):
+        block = vectors[s:s + 100_000].astype(np.float64)
+        out[s:s + len(block)] = np.sqrt(np.einsum("nd,nd->n", block, block))
+    return out
+
+
+def extend_for_l2(vectors: np.ndarray, *, max_norm: float, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Base vectors float32 [n, dim] → float32 [n, width] ``[x, sqrt(M² − ‖x‖²), 0...]`` and the
+    bool [n] mask of rows whose norm exceeds M (their extra coordinate is 0: overflow rows)."""
+    norms = _norms(vectors)
+    gap = max_norm ** 2 - norms ** 2
+    out = np.zeros((len(vectors), width), dtype=np.float32)
+    out[:, :vectors.shape[1]] = vectors
+    out[:, vectors.shape[1]] = np.sqrt(np.maximum(gap, 0.0))
+    return out, norms > max_norm * (1 + 1e-6)
+
+
+def extend_queries(queries: np.ndarray, width: int) -> np.ndarray:
+    """Queries float32 [B, dim] → float32 [B, width] ``[q, 0, ...]``."""
+    out = np.zeros((len(queries), width), dtype=np.float32)
+    out[:, :queries.shape[1]] = queries
+    return out
+
+
+def _new_faiss_index(kind: str, dim: int, n_vectors: int, cfg: IndexConfig) -> tuple[Any, dict]:
+    """An empty (untrained for IVF) faiss index over vectors of width ``extended_width`` and the
+    parameters it was made with."""
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim), {"search_threads": cfg.search_threads}
+    width = extended_width(kind, dim, cfg)
+    search = {"search_threads": cfg.search_threads, "width": width}
     if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, ip)
+        index = faiss.IndexHNSWFlat(width, cfg.hnsw_m, faiss.METRIC_L2)
         index.hnsw.efConstruction = cfg.hnsw_ef_construction
         index.hnsw.efSearch = cfg.hnsw_ef_search
         return index, {"hnsw_m": cfg.hnsw_m, "hnsw_ef_construction": cfg.hnsw_ef_construction,
-                       "hnsw_ef_search": cfg.hnsw_ef_search}
+                       "hnsw_ef_search": cfg.hnsw_ef_search, **search}
     nlist = _ivf_nlist(n_vectors, cfg)
-    quantizer = faiss.IndexFlatIP(dim)
+    quantizer = faiss.IndexFlatL2(width)
     if kind == "ivf":
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, ip)
-        params = {"ivf_nlist": nlist, "ivf_nprobe": cfg.ivf_nprobe}
+        index = faiss.IndexIVFFlat(quantizer, width, nlist, faiss.METRIC_L2)
+        params = {"ivf_nlist": nlist, "ivf_nprobe": cfg.ivf_nprobe, **search}
     else:
-        if dim % cfg.pq_m:
-            raise NewsrecError(f"index.pq_m={cfg.pq_m} must divide the news vector width {dim} "
-                               f"(e.g. -o index.pq_m={_largest_divisor(dim, cfg.pq_m)})")
-        index = faiss.IndexIVFPQ(quantizer, dim, nlist, cfg.pq_m, 8, ip)
-        params = {"ivf_nlist": nlist, "ivf_nprobe": cfg.ivf_nprobe, "pq_m": cfg.pq_m}
+        index = faiss.IndexIVFPQ(quantizer, width, nlist, cfg.pq_m, 8, faiss.METRIC_L2)
+        params = {"ivf_nlist": nlist, "ivf_nprobe": cfg.ivf_nprobe, "pq_m": cfg.pq_m,
+                  "pq_k_factor": cfg.pq_k_factor, **search}
     index.nprobe = cfg.ivf_nprobe  # faiss's wrapper keeps `quantizer` alive with the index
     return index, params
 
 
-def _largest_divisor(dim: int, at_most: int) -> int:
-    return max(d for d in range(1, at_most + 1) if dim % d == 0)
+@contextlib.contextmanager
+def faiss_threads(n_threads: int) -> Iterator[None]:
+    """Run the block with ``n_threads`` faiss (OpenMP) threads in the calling thread (0 = every
+    core); the previous count is restored afterwards. OpenMP keeps this count per thread."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n_threads or _cores())
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class _ReadWriteLock:
+    """Many concurrent readers (searches) or one writer (add, save); a waiting writer blocks new
+    readers so fresh news are not starved under constant load."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 @dataclass
@@ -111,8 +230,9 @@ class SearchResult:
 
 @dataclass
 class NewsIndex:
-    """A FAISS index with its id map and stored vectors. ``search`` and ``add`` are thread-safe
-    (one lock: an add never interleaves with a search)."""
+    """A FAISS index with its id map and stored vectors. ``search`` and ``add`` are thread-safe:
+    searches run concurrently with each other, an add waits for running searches and holds new
+    ones back while it writes."""
 
     faiss_index: Any
     keys: np.ndarray  # int64 [count]
@@ -125,8 +245,15 @@ class NewsIndex:
     on_gpu: bool = False
 
     def __post_init__(self) -> None:
-        self._lock = threading.RLock()
+        self._lock = _ReadWriteLock()
         self._row_of_key = {int(k): i for i, k in enumerate(self.keys.tolist())}
+        self._overflow_rows = np.zeros(0, dtype=np.int64)
+        if self.approximate:
+            norms = _norms(self.vectors)
+            if "max_norm" not in self.params:
+                self.params["max_norm"] = float(norms.max()) if len(norms) and norms.max() > 0 else 1.0
+            self.params.setdefault("width", self.dim + 1)
+            self._overflow_rows = np.flatnonzero(norms > self.params["max_norm"] * (1 + 1e-6)).astype(np.int64)
 
     # ---- size
     @property
@@ -136,6 +263,21 @@ class NewsIndex:
     @property
     def count(self) -> int:
         return int(self.keys.shape[0])
+
+    @property
+    def approximate(self) -> bool:
+        """True for the kinds that search the L2-extended vectors (HNSW, IVF, IVF-PQ)."""
+        return self.kind in APPROXIMATE_KINDS
+
+    @property
+    def max_norm(self) -> float | None:
+        """M of the MIPS→L2 reduction (None for the exact kind)."""
+        return self.params.get("max_norm") if self.approximate else None
+
+    @property
+    def overflow_count(self) -> int:
+        """Rows whose norm exceeds M; each search scores them exactly."""
+        return int(len(self._overflow_rows))
 
     @property
     def next_key(self) -> int:
@@ -150,6 +292,18 @@ class NewsIndex:
         rows = np.fromiter((self._row_of_key[int(k)] for k in keys), dtype=np.int64, count=len(keys))
         return self.vectors[rows]
 
+    def configure_search(self, cfg: IndexConfig) -> None:
+        """Take the search-time settings (efSearch, nprobe, PQ shortlist factor, faiss threads) from
+        ``cfg``, e.g. after ``-o index.hnsw_ef_search=...``; build-time ones stay as built."""
+        with self._lock.write():
+            self.params["search_threads"] = cfg.search_threads
+            if self.kind == "hnsw":
+                self.params["hnsw_ef_search"] = cfg.hnsw_ef_search
+            if self.kind in ("ivf", "ivfpq"):
+                self.params["ivf_nprobe"] = cfg.ivf_nprobe
+            if self.kind == "ivfpq":
+                self.params["pq_k_factor"] = cfg.pq_k_factor
+
     # ---- search
     def search(self, queries: np.ndarray, k: int, *, exclude: list[set[int]] | None = None) -> SearchResult:
         """Top ``k`` keys by inner product for each query.
@@ -162,20 +316,23 @@ class NewsIndex:
             raise ValueError(f"queries must be [B, {self.dim}], got {queries.shape}")
         n_queries = queries.shape[0]
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
-        with self._lock:
+        with self._lock.read():
             count = self.count
             fetch = min(k + extra, count)
             if fetch == 0:
                 rows = np.full((n_queries, 0), -1, dtype=np.int64)
             else:
-                _, rows = self.faiss_index.search(queries, fetch, params=self._search_params(fetch))
+                rows = self._propose(queries, fetch, count)
             keys_all = self.keys
             vectors = self.vectors
+            overflow = self._overflow_rows
         out_keys = np.full((n_queries, k), -1, dtype=np.int64)
         out_scores = np.full((n_queries, k), -np.inf, dtype=np.float32)
         out_rows = np.full((n_queries, k), -1, dtype=np.int64)
         for b in range(n_queries):
             found = rows[b][rows[b] >= 0]
+            if len(overflow):  # news longer than M: always scored exactly
+                found = np.union1d(found, overflow)
             found_keys = keys_all[found]
             if exclude and exclude[b]:
                 keep = ~np.isin(found_keys, np.fromiter(exclude[b], dtype=np.int64))
@@ -188,21 +345,29 @@ class NewsIndex:
             out_rows[b, :n] = found[order]
         return SearchResult(out_keys, out_scores, out_rows)
 
-    def _search_params(self, fetch: int) -> Any:
-        if self.on_gpu:
-            return None
-        if self.kind == "hnsw":
-            # HNSW over inner products needs a search beam wider than k for high recall
-            ef = max(self.params.get("hnsw_ef_search", 16), 2 * fetch)
-            return faiss.SearchParametersHNSW(efSearch=ef)
-        if self.kind in ("ivf", "ivfpq"):
-            return faiss.SearchParametersIVF(nprobe=self.params.get("ivf_nprobe", 1))
-        return None
+    def _propose(self, queries: np.ndarray, fetch: int, count: int) -> np.ndarray:
+        """Candidate rows int64 [B, ≥fetch] (−1 padded) from the faiss index."""
+        # online requests (a few queries) use search_threads; offline batches use every core
+        n_threads = self.params.get("search_threads", 1) if len(queries) < BATCH_QUERIES else 0
+        if not self.approximate:
+            with faiss_threads(n_threads):
+                return self.faiss_index.search(queries, fetch)[1]
+        extended = extend_queries(queries, self.params["width"])
+        params = None
+        if self.kind == "ivfpq":
+            fetch = min(fetch * self.params.get("pq_k_factor", 1), count)
+        if not self.on_gpu and self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=max(self.params.get("hnsw_ef_search", 16), fetch))
+        elif not self.on_gpu:
+            params = faiss.SearchParametersIVF(nprobe=self.params.get("ivf_nprobe", 1))
+        with faiss_threads(n_threads):
+            return self.faiss_index.search(extended, fetch, params=params)[1]
 
     # ---- fresh news
     def add(self, vectors: np.ndarray, keys: np.ndarray, *, fresh: list[dict] | None = None) -> None:
         """Append rows without a rebuild. vectors float32 [M, dim]; keys int64 [M], new and unique;
-        ``fresh`` (optional, one dict per row) is kept in fresh_news.json with its key."""
+        ``fresh`` (optional, one dict per row) is kept in fresh_news.json with its key. Rows longer
+        than the index's M become overflow rows (scored exactly by every search)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         keys = np.asarray(keys, dtype=np.int64)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(keys) != len(vectors):
@@ -210,12 +375,19 @@ class NewsIndex:
                              f"{vectors.shape} and {keys.shape}")
         if fresh is not None and len(fresh) != len(keys):
             raise ValueError("add: one fresh-news record per key")
-        with self._lock:
+        with self._lock.write():
             taken = [int(k) for k in keys if int(k) in self._row_of_key]
             if taken or len(set(keys.tolist())) != len(keys):
                 raise NewsrecError(f"news key(s) already in the index: {taken[:5] or 'duplicates'}")
             start = self.count
-            self.faiss_index.add(vectors)
+            if self.approximate:
+                extended, over = extend_for_l2(vectors, max_norm=self.params["max_norm"],
+                                               width=self.params["width"])
+                self.faiss_index.add(extended)
+                if over.any():
+                    self._overflow_rows = np.concatenate([self._overflow_rows, start + np.flatnonzero(over)])
+            else:
+                self.faiss_index.add(vectors)
             self.keys = np.concatenate([self.keys, keys])
             self.vectors = np.concatenate([self.vectors, vectors])
             for i, k in enumerate(keys.tolist()):
@@ -227,17 +399,19 @@ class NewsIndex:
     def save(self, out_dir: str | Path) -> Path:
         """Write INDEX_DIR atomically (a reader sees the old folder or the new one, never half)."""
         out_dir = Path(out_dir)
-        with self._lock:
+        with self._lock.write():
             cpu_index = faiss.index_gpu_to_cpu(self.faiss_index) if self.on_gpu else self.faiss_index
             manifest = {
                 **self.manifest,
                 "schema_version": INDEX_SCHEMA_VERSION,
                 "kind": self.kind,
                 "metric": "inner_product",
+                "search_space": "l2 over [x, sqrt(M^2 - |x|^2)]" if self.approximate else "inner_product",
                 "dim": self.dim,
                 "count": self.count,
                 "base_news": self.base_news,
                 "fresh_news": len(self.fresh),
+                "overflow_news": self.overflow_count,
                 "params": self.params,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
@@ -255,8 +429,10 @@ def build_index(vectors: np.ndarray, keys: np.ndarray, *, cfg: IndexConfig, base
                 manifest: dict | None = None, show_progress: bool = True) -> NewsIndex:
     """Index ``vectors`` float32 [n, dim] under ``keys`` int64 [n] (news_idx, 1..base_news).
 
-    The kind follows :func:`choose_kind`; IVF kinds train on a seeded sample of at most
-    ``cfg.ivf_train_size`` vectors. ``manifest`` entries (model dir, hashes) are kept with it.
+    The kind follows :func:`choose_kind`; approximate kinds index the L2-extended vectors (see the
+    module docstring) with M = the largest norm of ``vectors``; IVF kinds train on a seeded sample
+    of at most ``cfg.ivf_train_size`` vectors. Builds with ``cfg.build_threads`` faiss threads.
+    ``manifest`` entries (model dir, hashes) are kept with it.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     keys = np.asarray(keys, dtype=np.int64)
@@ -266,15 +442,18 @@ def build_index(vectors: np.ndarray, keys: np.ndarray, *, cfg: IndexConfig, base
     kind = choose_kind(n, cfg)
     started = time.perf_counter()
     index, params = _new_faiss_index(kind, dim, n, cfg)
-    if kind in ("ivf", "ivfpq"):
-        rng = np.random.default_rng(cfg.seed)
-        sample = vectors if n <= cfg.ivf_train_size else vectors[np.sort(rng.choice(n, cfg.ivf_train_size, replace=False))]
-        index.train(sample)
-    on_gpu = _use_gpu(kind, cfg.device)
-    if on_gpu:
-        resources = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(resources, 0, index)  # the wrapper keeps `resources` alive
-    _add_in_chunks(index, vectors, show_progress=show_progress and n > 50_000, kind=kind)
+    if kind in APPROXIMATE_KINDS:
+        params["max_norm"] = max_norm_of(vectors)
+    with faiss_threads(cfg.build_threads):
+        if kind in ("ivf", "ivfpq"):
+            rng = np.random.default_rng(cfg.seed)
+            sample = vectors if n <= cfg.ivf_train_size else vectors[np.sort(rng.choice(n, cfg.ivf_train_size, replace=False))]
+            index.train(extend_for_l2(sample, max_norm=params["max_norm"], width=params["width"])[0])
+        on_gpu = _use_gpu(kind, cfg.device)
+        if on_gpu:
+            resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(resources, 0, index)  # the wrapper keeps `resources` alive
+        _add_in_chunks(index, vectors, show_progress=show_progress and n > 50_000, kind=kind, params=params)
     built = {
         **(manifest or {}),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -285,13 +464,15 @@ def build_index(vectors: np.ndarray, keys: np.ndarray, *, cfg: IndexConfig, base
                      manifest=built, on_gpu=on_gpu)
 
 
-def _add_in_chunks(index: Any, vectors: np.ndarray, *, show_progress: bool, kind: str) -> None:
+def _add_in_chunks(index: Any, vectors: np.ndarray, *, show_progress: bool, kind: str, params: dict) -> None:
     from newsrec.utils.progress import progress
 
     chunk = 50_000
     with progress(total=len(vectors), desc=f"index {kind}", unit="news", disable=not show_progress) as bar:
         for start in range(0, len(vectors), chunk):
             block = vectors[start:start + chunk]
+            if kind in APPROXIMATE_KINDS:
+                block = extend_for_l2(block, max_norm=params["max_norm"], width=params["width"])[0]
             index.add(block)
             bar.update(len(block))
 
@@ -317,19 +498,25 @@ def load_index(index_dir: str | Path, *, device: str = "cpu") -> NewsIndex:
     kind = manifest.get("kind")
     if kind not in KINDS:
         raise ArtifactError(f"{manifest_path}: unknown index kind {kind!r}")
+    params = manifest.get("params", {})
+    if kind in APPROXIMATE_KINDS and not params.get("max_norm"):
+        raise ArtifactError(f"{manifest_path}: a {kind} index without params.max_norm (the M of the "
+                            f"inner-product reduction); rebuild with `newsrec index`")
     if not (index.ntotal == len(keys) == len(vectors) == manifest.get("count")):
         raise ArtifactError(f"{index_dir}: index rows ({index.ntotal}), ids ({len(keys)}), vectors "
                             f"({len(vectors)}) and manifest count ({manifest.get('count')}) disagree; "
                             f"rebuild with `newsrec index`")
-    if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[1] != index.d:
-        raise ArtifactError(f"{index_dir / VECTORS_FILE}: expected float32 [count, {index.d}], got "
-                            f"{vectors.dtype} {vectors.shape}")
+    width = params.get("width", index.d) if kind in APPROXIMATE_KINDS else vectors.shape[-1]
+    if vectors.dtype != np.float32 or vectors.ndim != 2 or width != index.d or (
+            kind == "flat" and vectors.shape[1] != index.d):
+        raise ArtifactError(f"{index_dir / VECTORS_FILE}: expected float32 [count, dim] matching the "
+                            f"index width {index.d}, got {vectors.dtype} {vectors.shape}")
     on_gpu = _use_gpu(kind, device)
     if on_gpu:
         resources = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(resources, 0, index)  # the wrapper keeps `resources` alive
     return NewsIndex(index, keys, np.ascontiguousarray(vectors), kind=kind,
-                     base_news=int(manifest["base_news"]), params=manifest.get("params", {}),
+                     base_news=int(manifest["base_news"]), params=params,
                      fresh=list(fresh.get("news", [])), manifest=manifest, on_gpu=on_gpu)
 
 
