@@ -13,6 +13,7 @@ given: latency does not depend on them.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import tempfile
@@ -126,6 +127,7 @@ def run_load(service, *, seconds: float, concurrency: int, k: int, max_requests:
                     latencies.append(dt)
                     statuses.append(r.status_code)
 
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(client, range(concurrency)))
@@ -136,7 +138,8 @@ def run_load(service, *, seconds: float, concurrency: int, k: int, max_requests:
     st = np.asarray(statuses)
     return {"requests": len(st), "qps": len(st) / wall, "p50_ms": float(np.percentile(lat, 50)),
             "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
-            "errors_5xx": int((st >= 500).sum()), "non_200": int((st != 200).sum())}
+            "errors_5xx": int((st >= 500).sum()), "non_200": int((st != 200).sum()),
+            "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
 def main() -> None:
@@ -192,9 +195,17 @@ def main() -> None:
     print()
     print(format_table(rows))
     print("target: p99 <= 50 ms at concurrency 4, zero 5xx")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busiest = max(max(r["load_avg_1min"]) for r in rows)
+    note = (f"the 1-minute load average reached {busiest:.1f} on {cores} cores while measuring (this "
+            f"benchmark itself adds about {min(args.concurrency, cores)}): other work shared the CPU, so "
+            f"latencies are pessimistic" if busiest > cores + 0.5 else
+            f"load average at most {busiest:.1f} on {cores} cores")
+    print(note)
     if args.no_write:
         return
-    payload = {"n": service.index.count, "index_kind": service.index.kind, "index_build_s": build_s,
+    payload = {"n": service.index.count, "index_kind": service.index.kind,
+               "index_params": service.index.params, "index_build_s": build_s, "note": note,
                "retrieve_k": service.serve_cfg.retrieve_k, "k": args.k, "concurrency": args.concurrency,
                "seconds": args.seconds, "rows": rows, "machine": machine_info()}
     print("wrote", write_results("serve_load", payload))

@@ -211,3 +211,18 @@ def test_load_rejects_missing_and_inconsistent(tmp_path):
     (out / "vectors.npy").unlink()
     with pytest.raises(ArtifactError, match="vectors.npy is missing"):
         load_index(out)
+
+
+def test_many_single_adds_keep_every_row():
+    vectors = clustered_vectors(300, 8, seed=16)
+    index = build_index(vectors, np.arange(1, 301), cfg=IndexConfig(kind="ivf", ivf_nprobe=64), base_news=300)
+    before = index.vectors  # a view a running search could hold
+    fresh = clustered_vectors(40, 8, seed=17)
+    for i in range(40):
+        index.add(fresh[i:i + 1], np.array([301 + i]))
+    np.testing.assert_array_equal(before, vectors)
+    np.testing.assert_array_equal(index.vectors, np.concatenate([vectors, fresh]))
+    np.testing.assert_array_equal(index.keys, np.arange(1, 341))
+    np.testing.assert_array_equal(index.vectors_of(np.array([340, 1])), np.stack([fresh[39], vectors[0]]))
+    rows, _ = brute_force(index.vectors, fresh[:5], 5)
+    np.testing.assert_array_equal(index.search(fresh[:5], 5).keys, rows + 1)

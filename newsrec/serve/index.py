@@ -388,8 +388,8 @@ class NewsIndex:
                     self._overflow_rows = np.concatenate([self._overflow_rows, start + np.flatnonzero(over)])
             else:
                 self.faiss_index.add(vectors)
-            self.keys = np.concatenate([self.keys, keys])
-            self.vectors = np.concatenate([self.vectors, vectors])
+            self.keys = _append(self, "keys", keys)
+            self.vectors = _append(self, "vectors", vectors)
             for i, k in enumerate(keys.tolist()):
                 self._row_of_key[k] = start + i
             if fresh is not None:
@@ -423,6 +423,22 @@ class NewsIndex:
                 write_json(tmp / MANIFEST_FILE, manifest)
             self.manifest = manifest
         return out_dir
+
+
+def _append(index: NewsIndex, name: str, rows: np.ndarray) -> np.ndarray:
+    """``getattr(index, name)`` with ``rows`` appended, as a view of a buffer grown by 25% at a
+    time: adding one fresh news to a pool of millions copies one row, not the pool. Views handed
+    out earlier (to running searches) keep seeing their unchanged rows."""
+    current = getattr(index, name)
+    buffers = index.__dict__.setdefault("_buffers", {})
+    buffer = buffers.get(name)
+    start, end = len(current), len(current) + len(rows)
+    if buffer is None or not np.shares_memory(buffer, current) or len(buffer) < end:
+        buffer = np.empty((max(end, int(1.25 * end) + 16), *current.shape[1:]), dtype=current.dtype)
+        buffer[:start] = current
+        buffers[name] = buffer
+    buffer[start:end] = rows
+    return buffer[:end]
 
 
 def build_index(vectors: np.ndarray, keys: np.ndarray, *, cfg: IndexConfig, base_news: int,
