@@ -92,7 +92,8 @@ class TrainConfig:
     eval_batch_size: int = 1024
     dev_max_impressions: int = 0  # 0 = whole dev split for per-epoch evaluation
     bucket_size: int = 64  # pad the unique-news count of a batch up to a multiple of this
-    num_threads: int = 0  # torch intra-op threads for training (0 = torch default: all cores)
+    num_threads: int = 0  # torch intra-op threads (0 = the cores left after the batch-building
+    #                       threads; on a small CPU oversubscription makes steps several times slower)
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size", "npratio", "log_every_steps", "eval_batch_size",
@@ -343,6 +344,11 @@ def _coerce(name: str, typ: Any, value: Any) -> Any:
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{name}={value!r}: expected a number")
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -62,7 +62,9 @@ class StageRunner:
         self.results: list[StageResult] = []
 
     def run(self, name: str, *, output: Path, inputs: list[Path], settings: dict[str, Any],
-            fn: Callable[[], dict[str, Any] | None]) -> StageResult:
+            fn: Callable[[], dict[str, Any] | None], tracked: bool = True) -> StageResult:
+        """Run ``fn`` unless the marker beside ``output`` holds the same key. ``tracked=False``
+        for stages that open their own tracking run (training, evaluation)."""
         output = Path(output)
         key = hashlib.sha256(json.dumps(
             {"stage": name, "settings": settings, "inputs": [fingerprint(p) for p in inputs]},
@@ -77,7 +79,7 @@ class StageRunner:
                 return result
         self.echo(f"[{name}] running ...")
         start = time.perf_counter()
-        if self.track is not None:
+        if self.track is not None and tracked:
             with self.track(name):
                 info = fn() or {}
         else:

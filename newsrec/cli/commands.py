@@ -4,3 +4,4 @@ from newsrec.cli import serve  # noqa: F401
 from newsrec.cli import synth  # noqa: F401
 from newsrec.cli import data  # noqa: F401
 from newsrec.cli import evaluate  # noqa: F401
+from newsrec.cli import pipeline  # noqa: F401

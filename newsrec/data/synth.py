@@ -104,6 +104,8 @@ SIZES: dict[str, SynthSize] = {
     "tiny": SynthSize("tiny", n_users=300, n_old_news=200, news_per_day=60, train_impressions=2000,
                       dev_impressions=600, test_impressions=600, n_categories=8,
                       subcategories_per_category=(2, 4), topics_per_subcategory=3, max_candidates=100),
+    "demo": SynthSize("demo", n_users=8_000, n_old_news=5_000, news_per_day=700, train_impressions=12_000,
+                      dev_impressions=4_000, test_impressions=4_000),
     "small": SynthSize("small", n_users=50_000, n_old_news=25_000, news_per_day=3_500,
                        train_impressions=150_000, dev_impressions=73_000, test_impressions=73_000),
     "medium": SynthSize("medium", n_users=200_000, n_old_news=40_000, news_per_day=6_000,
@@ -788,7 +790,6 @@ def _write_split(out_dir: Path, split: str, world: _World, impressions: _Impress
                 world.entity_ids[e] + "\t" + "\t".join(f"{v:.6f}" for v in world.entity_vectors[e]) + "\n"
                 for e in entities))
             archive.writestr(_zip_member("relation_embedding.vec"), _relation_vectors(seed))
-        tmp.chmod(0o644)  # the temporary file is private; the data set is not
     return result
 
 
@@ -945,7 +946,4 @@ def generate(out_dir: str | Path, *, size: str | SynthSize = "small", seed: int 
         write_json(truth_dir / "oracle_metrics.json", {**oracle, "click_model": summary["click_model"]})
         write_json(truth_dir / "summary.json", summary)
         (truth_dir / "README.txt").write_text(_GROUND_TRUTH_README.replace("{split}", "<split>"), encoding="utf-8")
-        truth_dir.chmod(0o755)  # temporary files and folders are private; the data set is not
-        for path in truth_dir.iterdir():
-            path.chmod(0o644)
     return summary

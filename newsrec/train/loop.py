@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -145,6 +146,15 @@ def _check_resume_config(saved_yaml: str, config: Config, path: Path) -> None:
                           f"of the interrupted run or train without --resume")
 
 
+def training_threads(train_cfg: Any) -> int:
+    """Intra-op threads for training: ``train.num_threads``, or every core not busy building batches."""
+    if train_cfg.num_threads:
+        return int(train_cfg.num_threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # processes sharing this machine
+    return max(1, cores - train_cfg.num_workers)
+
+
 def fit(config: Config, *, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
         stop_after_steps: int | None = None) -> FitResult:
     """Train on ``data_dir``'s train split, select on its dev split, write MODEL_DIR ``out_dir``.
@@ -155,8 +165,7 @@ def fit(config: Config, *, data_dir: str | Path, out_dir: str | Path, resume: bo
     """
     ctx = distributed.setup(config.train.device)
     threads_before = torch.get_num_threads()
-    if config.train.num_threads:
-        torch.set_num_threads(config.train.num_threads)
+    torch.set_num_threads(training_threads(config.train))
     try:
         return _fit(config, ctx, data_dir=Path(data_dir), out_dir=Path(out_dir), resume=resume,
                     stop_after_steps=stop_after_steps)

@@ -96,6 +96,9 @@ def start_run(tracking_cfg: TrackingConfig, *, run_name: str, nested: bool = Fal
         yield RunHandle(run_id=None)
         return
     mlflow = _connect(tracking_cfg)
+    # Inside an active run (a pipeline's parent run), a stage's run becomes its child.
+    active = mlflow.active_run()
+    nested = nested or (active is not None and active.info.run_id != run_id)
     with mlflow.start_run(run_id=run_id or None, run_name=None if run_id else run_name,
                           nested=nested) as run:
         yield RunHandle(run_id=run.info.run_id, experiment_id=run.info.experiment_id,

@@ -11,6 +11,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create private (0600/0700) entries; outputs get the usual permissions instead.
+_UMASK = _current_umask()
+_FILE_MODE = 0o666 & ~_UMASK
+_DIR_MODE = 0o777 & ~_UMASK
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename.
@@ -20,6 +32,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, _DIR_MODE)
     try:
         yield tmp
     except BaseException:
@@ -45,6 +58,7 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, _FILE_MODE)
     try:
         with open(tmp, mode) as fh:
             yield fh
@@ -66,6 +80,7 @@ def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent, suffix=p.suffix)
         os.close(fd)
         tmp = Path(tmp_name)
+        os.chmod(tmp, _FILE_MODE)
         try:
             yield tmp
             os.replace(tmp, p)
