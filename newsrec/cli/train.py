@@ -1,4 +1,5 @@
-"""``newsrec train``: first-stage training (library: ``newsrec.train.fit``)."""
+"""``newsrec train``: first-stage training (library: ``newsrec.train.fit``) and, with
+``--stage rerank``, the second-stage re-ranker (library: ``newsrec.train.rerank.fit_reranker``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,13 +16,23 @@ from newsrec.config import load_config
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="MODEL_DIR to write (config, weights, manifest; checkpoints/ inside).")
 @click.option("--resume", is_flag=True, help="Continue from MODEL_DIR/checkpoints/last.pt exactly.")
+@click.option("--stage", type=click.Choice(["retrieve", "rerank"]), default="retrieve", show_default=True,
+              help="retrieve: the first-stage model; rerank: the re-ranker over a trained first stage.")
+@click.option("--retriever", "retriever_dir", type=click.Path(file_okay=False), default=None,
+              help="With --stage rerank: the first-stage MODEL_DIR the re-ranker builds on.")
 @config_options
-def train_command(data_dir: str, out_dir: str, resume: bool, config_path: str | None,
-                  overrides: tuple[str, ...]) -> None:
-    """Train the news recommender (NRMS objective) with per-epoch dev evaluation and early stopping."""
+def train_command(data_dir: str, out_dir: str, resume: bool, stage: str, retriever_dir: str | None,
+                  config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Train the news recommender (NRMS objective) with per-epoch dev evaluation and early stopping,
+    or (--stage rerank) the re-ranker on top of a trained one."""
     from newsrec.train import fit
 
     config = load_config(config_path, overrides)
+    if stage == "rerank":
+        _train_reranker(config, data_dir=data_dir, out_dir=out_dir, retriever_dir=retriever_dir)
+        return
+    if retriever_dir is not None:
+        raise click.BadParameter("only with --stage rerank", param_hint="--retriever")
     result = fit(config, data_dir=Path(data_dir), out_dir=Path(out_dir), resume=resume)
     if not result.finished:
         return
@@ -40,5 +51,21 @@ def train_command(data_dir: str, out_dir: str, resume: bool, config_path: str | 
                    f"impressions {m.get('impressions', 0)}")
     else:
         click.echo("dev: no labelled dev split; the last epoch's weights were kept")
+    if result.run_id:
+        click.echo(f"mlflow run: {result.run_id}")
+
+
+def _train_reranker(config, *, data_dir: str, out_dir: str, retriever_dir: str | None) -> None:
+    from newsrec.train.rerank import fit_reranker
+
+    if retriever_dir is None:
+        raise click.BadParameter("--stage rerank needs the first-stage MODEL_DIR", param_hint="--retriever")
+    result = fit_reranker(config, retriever_dir=Path(retriever_dir), data_dir=Path(data_dir),
+                          out_dir=Path(out_dir))
+    click.echo(f"re-ranker: {result.out_dir}  ({result.train_samples} training samples, {result.seconds:.0f} s)")
+    for name, m in result.metrics.items():
+        if isinstance(m, dict) and "auc" in m:
+            click.echo(f"dev {name:<12} AUC {m['auc']:.4f}  MRR {m['mrr']:.4f}  "
+                       f"nDCG@5 {m['ndcg@5']:.4f}  nDCG@10 {m['ndcg@10']:.4f}")
     if result.run_id:
         click.echo(f"mlflow run: {result.run_id}")
