@@ -99,7 +99,7 @@ def main() -> None:
     first = first_stage_candidate_scores(retriever.model, users, vectors, dev, batch_size=512)
     first_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    two = reranker.score_impressions(dev, retrieval_scores=first)
+    two = reranker.score_impressions(dev, retrieval_scores=first, shown_in=dev_all)
     rerank_seconds = time.perf_counter() - started
     cold = unseen_in_train(dataset)[dev.candidates]
     on_candidates = compare_on_impressions(dev.labels, dev.candidate_offsets, first, two, cold)
@@ -111,7 +111,7 @@ def main() -> None:
     n_ret = min(args.retrieved_impressions, len(dev_all))
     retrieved_rows = np.sort(rng.choice(len(dev_all), n_ret, replace=False))
     retrieved = evaluate_retrieved(retriever, reranker, dev_all.select(retrieved_rows),
-                                   retrieve_k=args.retrieve_k)
+                                   retrieve_k=args.retrieve_k, shown_in=dev_all)
     payload["retrieved"] = retrieved
 
     print(f"dev: {len(dev)} impressions, {len(dev.candidates)} candidates "

@@ -93,7 +93,7 @@ def test_prefix_counts_exclude_the_impression_itself_and_later_ones():
 def test_build_features_known_values():
     feats = build_features(
         retrieval_scores=np.array([[2.0, -1.0]]), clicks=np.array([[0, 50]]), impressions=np.array([[0, 100]]),
-        age_seconds=np.array([[7200.0, 0.0]]), age_known=np.array([[True, False]]),
+        exposure=np.array([[30, 0]]), age_seconds=np.array([[7200.0, 0.0]]), age_known=np.array([[True, False]]),
         candidate_category=np.array([[1, 2]]), candidate_subcategory=np.array([[3, 4]]),
         history_category=np.array([[1, 1, 2, 9]]), history_subcategory=np.array([[3, 5, 5, 9]]),
         history_mask=np.array([[True, True, True, False]]), prior=10.0, mean_ctr=0.1)
@@ -103,6 +103,8 @@ def test_build_features_known_values():
     ctr = (50 + 10 * 0.1) / 110
     np.testing.assert_allclose(f["popularity_logit"], [0.0, np.log(ctr / (1 - ctr)) - np.log(0.1 / 0.9)], rtol=1e-5)
     np.testing.assert_allclose(f["log_impressions"], [0.0, np.log1p(100)], rtol=1e-6)
+    np.testing.assert_allclose(f["log_exposure"], [np.log1p(30), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(f["log_exposure_rate"], [np.log1p(15.0), 0.0], rtol=1e-6)  # 30 in 2 hours
     np.testing.assert_allclose(f["log_age_hours"], [np.log1p(2.0), np.log1p(24 * 30)], rtol=1e-6)
     np.testing.assert_allclose(f["age_unknown"], [0.0, 1.0])
     np.testing.assert_allclose(f["category_share"], [2 / 3, 1 / 3], rtol=1e-6)  # the padded 9 is ignored
@@ -150,17 +152,64 @@ def test_shapes_padding_and_empty_history():
 def test_user_vectors_depend_on_the_candidate():
     model = _model()
     hist, mask, cand, _ = _inputs()
-    users = model.user_vectors(hist, mask, cand)  # (B, C, d)
-    assert users.shape == (3, 4, 8)
-    # same history, different candidates -> different user vectors, beyond the candidate seed token:
-    # the history's attention weights move with the candidate
+    users, projected = model.user_vectors(hist, mask, cand)  # (B, C, d) each
+    assert users.shape == projected.shape == (3, 4, 8)
+    # same history, different candidates -> different user vectors
     assert (users[0, 0] - users[0, 1]).abs().max() > 1e-3
-    one = model.user_vectors(hist[:1], mask[:1], cand[:1, :1])
+    one, _ = model.user_vectors(hist[:1], mask[:1], cand[:1, :1])
     torch.testing.assert_close(one[0, 0], users[0, 0], atol=1e-5, rtol=1e-5)
-    # the candidate-dependent part of the tokens is not a constant shift: history weights change
-    tokens_a = model.history_gate(hist[0]) * model.candidate_gate(cand[0, 0])
-    tokens_b = model.history_gate(hist[0]) * model.candidate_gate(cand[0, 1])
-    assert not torch.allclose(tokens_a - tokens_b, (tokens_a - tokens_b)[:1].expand_as(tokens_a))
+
+
+def _seeded_reference(layer, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The candidate-seeded Fastformer written the long way in float64: for every (user, candidate)
+    the per-position outputs o_n are formed and pooled explicitly."""
+    p = {k: v.detach().double() for k, v in layer.state_dict().items()}
+    h, e = layer.num_heads, layer.head_dim
+    d = h * e
+    x, y = x.double(), y.double()
+    out = torch.zeros(y.shape[0], y.shape[1], d, dtype=torch.float64)
+    for b in range(x.shape[0]):
+        xs = x[b][mask[b]]  # real clicks only
+        q = xs @ p["query.weight"].T + p["query.bias"]
+        k = xs @ p["key.weight"].T + p["key.bias"]
+        v = xs @ p["value.weight"].T + p["value.bias"]
+        for c in range(y.shape[1]):
+            if len(xs) == 0:
+                out[b, c] = p["output.bias"]
+                continue
+            seed = p["query_score"] + y[b, c] @ p["query_seed.weight"].T + p["query_seed.bias"]
+            g = torch.zeros(d, dtype=torch.float64)
+            gk = torch.zeros(d, dtype=torch.float64)
+            for head in range(h):
+                sl = slice(head * e, (head + 1) * e)
+                alpha = torch.softmax(q[:, sl] @ seed[sl] / e ** 0.5, dim=0)
+                g[sl] = alpha @ q[:, sl]
+                mixed = k[:, sl] * g[sl]
+                beta = torch.softmax(mixed @ p["key_score"][sl] / e ** 0.5, dim=0)
+                gk[sl] = beta @ mixed
+            o = (gk * v) @ p["output.weight"].T + p["output.bias"] + q  # (n, d)
+            r = p["pool_score"] + y[b, c] @ p["pool_seed.weight"].T + p["pool_seed.bias"]
+            gamma = torch.softmax(o @ r / d ** 0.5, dim=0)
+            out[b, c] = gamma @ o
+    return out
+
+
+def test_candidate_seeded_layer_matches_the_explicit_computation():
+    from newsrec.models.reranker import CandidateSeededFastformer
+
+    torch.manual_seed(3)
+    layer = CandidateSeededFastformer(8, 2)
+    with torch.no_grad():
+        for prm in layer.parameters():
+            prm.normal_(0.0, 0.5)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 6, 8, generator=g)
+    y = torch.randn(3, 5, 8, generator=g)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[2] = False  # no clicks at all
+    got = layer(x, mask, y).double()
+    torch.testing.assert_close(got, _seeded_reference(layer, x, mask, y), atol=1e-4, rtol=1e-4)
 
 
 def test_untrained_reranker_ranks_as_the_first_stage():
@@ -309,7 +358,9 @@ def test_save_load_round_trip_and_batched_equals_single(trained):
     i = 7
     lo, hi = dev.candidate_offsets[i], dev.candidate_offsets[i + 1]
     when = dev.time[i].astype("datetime64[us]").item()
-    single = loaded.rerank(dev.history_of(i), dev.candidates_of(i), first[lo:hi], now=when)
+    now_s = np.array([when.replace(tzinfo=dt.timezone.utc).timestamp()])
+    exposure = loaded.exposure_counter(dev)(dev.candidates_of(i).astype(np.int64)[None], now_s)[0]
+    single = loaded.rerank(dev.history_of(i), dev.candidates_of(i), first[lo:hi], now=when, exposure=exposure)
     np.testing.assert_allclose(single, scores[lo:hi], rtol=1e-4, atol=1e-5)
 
 
@@ -341,6 +392,7 @@ def test_fresh_news_get_the_prior_mean_and_zero_age(trained):
     np.testing.assert_allclose(f["popularity_logit"], 0.0, atol=1e-6)  # the prior mean
     np.testing.assert_allclose(f["log_age_hours"], 0.0, atol=1e-6)
     np.testing.assert_allclose(f["age_unknown"], 0.0)
+    np.testing.assert_allclose(f["log_exposure"], 0.0)  # never shown yet
     scores = loaded.rerank(np.array([1, 2]), np.array([n + 1, 3, n + 3]), np.array([0.1, 0.2, 0.3]), now=now)
     assert scores.shape == (3,) and np.isfinite(scores).all()
     with pytest.raises(NewsrecError, match="unknown to the re-ranker"):

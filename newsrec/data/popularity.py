@@ -115,16 +115,19 @@ class PrefixCounts:
 
     Built once from labelled impressions; :meth:`at` answers any (news_idx, time) pairs, so the
     same table serves an impression's own candidates and negatives retrieved for it. Events at the
-    same second as the query are excluded (a tie is not "before").
+    same second as the query are excluded (a tie is not "before"). With ``clicks=False`` the
+    impressions need no labels and only showings are counted (clicks are all 0): the *exposure* of
+    a news so far, which the log itself tells without any label.
     """
 
-    def __init__(self, impressions: Impressions) -> None:
-        if impressions.labels is None:
+    def __init__(self, impressions: Impressions, *, clicks: bool = True) -> None:
+        if clicks and impressions.labels is None:
             raise ConfigError(f"split '{impressions.split}' has no labels: popularity needs clicks")
         counts = impressions.candidate_counts
         event_news = impressions.candidates.astype(np.int64)
         event_sec = np.repeat(_whole_seconds(impressions.time), counts)
-        event_click = impressions.labels.astype(np.int64)
+        event_click = (impressions.labels.astype(np.int64) if clicks
+                       else np.zeros(len(event_news), dtype=np.int64))
         self._t0 = int(event_sec.min()) if len(event_sec) else 0
         self._span = (int(event_sec.max()) - self._t0 + 2) if len(event_sec) else 2
         keys = event_news * self._span + (event_sec - self._t0)

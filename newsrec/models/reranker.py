@@ -3,22 +3,25 @@
 Inputs are the *frozen* first-stage news vectors (the retriever's news encoder, ``D`` wide), so the
 re-ranker never encodes text and is cheap at serve time. For each (user, candidate) pair:
 
-1. tokens: the candidate ``c`` and each clicked news ``x_n`` of the history are projected to the
-   re-ranker width ``d``; each history token is read *in the light of the candidate*:
-   ``t_n = W_h x_n + W_c c + (W_h' x_n) ⊙ (W_c' c)``, and the candidate token ``W_k c`` is put in
-   front of the history, so the Fastformer's additive attention that forms the global query is
-   seeded by the candidate and weighs each click by its relation to the candidate.
-2. ``FastformerAttention`` layers (``newsrec.models.fastformer.LayerStack``) over the N + 1 tokens,
-   then additive-attention pooling → a candidate-aware user vector ``u_c [d]``. Cost is linear in N.
-3. A small MLP over ``[u_c, c', u_c ⊙ c', features]`` gives a correction added to the first-stage
+1. the clicked news ``x_n`` and the candidate ``c`` are projected to the re-ranker width ``d``
+   (optionally ``num_layers - 1`` plain Fastformer layers read the history first, once per user);
+2. ``CandidateSeededFastformer`` reads the history in the light of the candidate: the additive
+   attention that forms Fastformer's global query is seeded by the candidate (it weighs each click
+   by its relation to the candidate), the global key follows from it as in Fastformer, and the
+   outputs are pooled by an attention also seeded by the candidate → a candidate-aware user vector
+   ``u_c [d]``. The history is projected once per user and never repeated per candidate: the cost
+   is O(N·d² + C·d² + C·N·d) for N clicks and C candidates;
+3. a small MLP over ``[u_c, c', u_c ⊙ c', features]`` gives a correction added to the first-stage
    score: ``score = a · retrieval_score + MLP(...)`` with ``a`` starting at 1 and the MLP's last
    layer at 0, so an untrained re-ranker ranks exactly as the first stage.
 
 Features per candidate (``FEATURE_NAMES``, normalised inside the model by statistics of the
-training set): the first-stage score, popularity (shrunk click-through, as a logit offset from the
-mean, and the log of its impression count — see ``newsrec.data.popularity``), freshness (log hours
-since the news entered the pool, and whether that time is known), the share of the history in the
-candidate's category and subcategory, and the log history length.
+training set): the first-stage score; popularity (shrunk click-through from labelled past
+impressions, as a logit offset from the mean, and the log of its impression count — see
+``newsrec.data.popularity``); exposure (how often the news was shown before now, in any log — no
+label needed, so cold news have it too — and that count per hour in the pool); freshness (log
+hours since the news entered the pool, and whether that time is known); the share of the history in
+the candidate's category and subcategory; the log history length.
 
 A re-ranker directory (``save_reranker``)::
 
@@ -27,7 +30,7 @@ A re-ranker directory (``save_reranker``)::
     reranker.json         schema version, the retriever it belongs to (its model.json sha256), the
                           dataset (manifest sha256), feature names, mean click-through, reference time
     news_tables.npz       per news_idx: frozen first-stage vectors, train clicks/impressions,
-                          first-seen seconds, category/subcategory
+                          showings over every split, first-seen seconds, category/subcategory
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ from newsrec.models.attention import AdditivePooling
 from newsrec.models.fastformer import LayerStack
 from newsrec.utils.io import atomic_dir, read_json, sha256_file, write_json
 
-RERANKER_SCHEMA_VERSION = 1
+RERANKER_SCHEMA_VERSION = 2
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "reranker.safetensors"
 MANIFEST_FILE = "reranker.json"
@@ -60,6 +63,8 @@ FEATURE_NAMES = (
     "retrieval_score",
     "popularity_logit",
     "log_impressions",
+    "log_exposure",
+    "log_exposure_rate",
     "log_age_hours",
     "age_unknown",
     "category_share",
@@ -78,14 +83,17 @@ MAX_AGE_HOURS = 24.0 * 30  # ages beyond a month (and unknown ages) are clipped 
 class NewsTables:
     """What the re-ranker knows about each news, indexed by news_idx (row 0 = padding news).
 
-    vectors: float32 [n, D] frozen first-stage news vectors; clicks, impressions: int64 [n] counts
-    popularity is computed from; first_seen: float64 [n] seconds since the epoch when the news
-    entered the pool; first_seen_known: bool [n]; category, subcategory: int64 [n].
+    vectors: float32 [n, D] frozen first-stage news vectors; clicks, impressions: int64 [n] train
+    counts popularity is computed from; displays: int64 [n] showings in every split of the dataset
+    (no labels needed: the exposure of a news when serving after those logs); first_seen: float64
+    [n] seconds since the epoch when the news entered the pool; first_seen_known: bool [n];
+    category, subcategory: int64 [n].
     """
 
     vectors: np.ndarray
     clicks: np.ndarray
     impressions: np.ndarray
+    displays: np.ndarray
     first_seen: np.ndarray
     first_seen_known: np.ndarray
     category: np.ndarray
@@ -100,25 +108,28 @@ class NewsTables:
         if extra <= 0:
             return
         self.vectors = np.concatenate([self.vectors, np.zeros((extra, self.vectors.shape[1]), np.float32)])
-        for name in ("clicks", "impressions", "first_seen", "first_seen_known", "category", "subcategory"):
+        for name in ("clicks", "impressions", "displays", "first_seen", "first_seen_known", "category",
+                     "subcategory"):
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.zeros(extra, dtype=arr.dtype)]))
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in
-                ("vectors", "clicks", "impressions", "first_seen", "first_seen_known", "category",
-                 "subcategory")}
+                ("vectors", "clicks", "impressions", "displays", "first_seen", "first_seen_known",
+                 "category", "subcategory")}
 
 
 def build_features(*, retrieval_scores: np.ndarray, clicks: np.ndarray, impressions: np.ndarray,
-                   age_seconds: np.ndarray, age_known: np.ndarray, candidate_category: np.ndarray,
+                   exposure: np.ndarray, age_seconds: np.ndarray, age_known: np.ndarray,
+                   candidate_category: np.ndarray,
                    candidate_subcategory: np.ndarray, history_category: np.ndarray,
                    history_subcategory: np.ndarray, history_mask: np.ndarray, prior: float,
                    mean_ctr: float) -> np.ndarray:
     """Candidate features, float32 ``[B, C, F]`` in the order of ``FEATURE_NAMES``.
 
-    Per candidate ``[B, C]``: retrieval_scores, clicks / impressions (counts the popularity is
-    shrunk from), age_seconds (now − first seen), age_known (bool), candidate_(sub)category.
+    Per candidate ``[B, C]``: retrieval_scores, clicks / impressions (labelled counts the popularity
+    is shrunk from), exposure (showings before now in any log, labelled or not), age_seconds (now −
+    first seen), age_known (bool), candidate_(sub)category.
     Per history ``[B, N]``: history_(sub)category and history_mask (True = real click).
     """
     ctr = shrunk_ctr(clicks, impressions, prior=prior, mean_ctr=mean_ctr)
@@ -136,7 +147,10 @@ def build_features(*, retrieval_scores: np.ndarray, clicks: np.ndarray, impressi
     category_share = (same_cat * mask[:, None, :]).sum(axis=2) / denom  # (B, C)
     subcategory_share = (same_sub * mask[:, None, :]).sum(axis=2) / denom
     log_hist = np.broadcast_to(np.log1p(n_hist)[:, None], category_share.shape)
-    columns = [retrieval_scores, popularity_logit, np.log1p(impressions), np.log1p(age_hours),
+    exposure = np.asarray(exposure, dtype=np.float64)
+    exposure_rate = exposure / np.maximum(age_hours, 1.0)  # showings per hour in the pool
+    columns = [retrieval_scores, popularity_logit, np.log1p(impressions), np.log1p(exposure),
+               np.log1p(exposure_rate), np.log1p(age_hours),
                (~np.asarray(age_known, dtype=bool)).astype(np.float64), category_share,
                subcategory_share, log_hist]
     return np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=-1).astype(np.float32)
@@ -144,6 +158,78 @@ def build_features(*, retrieval_scores: np.ndarray, clicks: np.ndarray, impressi
 
 # ------------------------------------------------------------------------------------------------
 # the model
+
+
+class CandidateSeededFastformer(nn.Module):
+    """A Fastformer layer over a user's history, read once per candidate, without repeating the
+    history per candidate.
+
+    For history tokens ``x_n [B, N, d]`` (mask ``[B, N]``) and candidate tokens ``y_c [B, C, d]``,
+    H heads of size ``e = d / H``:
+
+    1. ``Q = x W_q``, ``K = x W_k``, ``V = x W_v`` — once per user, not per candidate.
+    2. Global query seeded by the candidate: ``α_{c,n} = softmax_n(Q_n · (w_α + S_α y_c) / √e)``
+       per head, ``g_c = Σ_n α_{c,n} Q_n``.
+    3. Global key as in Fastformer: ``β_{c,n} = softmax_n((g_c ⊙ K_n) · w_β / √e)``,
+       ``k_c = Σ_n β_{c,n} (g_c ⊙ K_n) = g_c ⊙ Σ_n β_{c,n} K_n``.
+    4. Per-position outputs ``o_{c,n} = W_o (k_c ⊙ V_n) + Q_n``, pooled by attention whose query is
+       also seeded by the candidate: ``γ_{c,n} = softmax_n(o_{c,n} · r_c / √d)``,
+       ``r_c = w_γ + S_γ y_c``. ``o`` is linear in ``V_n`` and ``Q_n``, so the scores are
+       ``V_n · (k_c ⊙ W_oᵀ r_c) + Q_n · r_c`` (the bias term is constant over n and drops out) and
+       ``u_c = W_o (k_c ⊙ Σ γ V_n) + b_o + Σ γ Q_n`` — the ``[B, C, N, d]`` tensor is never formed.
+
+    Output: a candidate-aware user vector ``u_c [B, C, d]``. Cost O(N·d² + C·d² + C·N·d) per user
+    instead of O(C·N·d²) for a Fastformer run per candidate. Padded clicks get weight exactly 0; a
+    history without clicks gives ``u_c = b_o``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+        d = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = d // num_heads
+        self.query = nn.Linear(d, d)  # W_q
+        self.key = nn.Linear(d, d)  # W_k
+        self.value = nn.Linear(d, d)  # W_v
+        self.output = nn.Linear(d, d)  # W_o
+        self.query_score = nn.Parameter(torch.zeros(d))  # w_α (per head: its e entries)
+        self.key_score = nn.Parameter(torch.zeros(d))  # w_β
+        self.pool_score = nn.Parameter(torch.zeros(d))  # w_γ
+        self.query_seed = nn.Linear(d, d)  # S_α
+        self.pool_seed = nn.Linear(d, d)  # S_γ
+
+    def forward(self, x: Tensor, mask: Tensor, y: Tensor) -> Tensor:
+        b, n, d = x.shape
+        c = y.shape[1]
+        h, e = self.num_heads, self.head_dim
+        keep = mask[:, None, None, :]  # (B, 1, 1, N)
+        q = self.query(x).view(b, n, h, e)
+        k = self.key(x).view(b, n, h, e)
+        v = self.value(x)  # (B, N, d)
+        seed = (self.query_score + self.query_seed(y)).view(b, c, h, e)  # (B, C, H, e)
+        alpha = _softmax_n(torch.einsum("bnhe,bche->bchn", q, seed) / math.sqrt(e), keep)
+        g = torch.einsum("bchn,bnhe->bche", alpha, q)  # global query per candidate (B, C, H, e)
+        beta = _softmax_n(torch.einsum("bnhe,bche->bchn", k, g * self.key_score.view(h, e))
+                          / math.sqrt(e), keep)
+        gk = g * torch.einsum("bchn,bnhe->bche", beta, k)  # global key (B, C, H, e)
+        gk = gk.reshape(b, c, d)
+        r = self.pool_score + self.pool_seed(y)  # (B, C, d)
+        through_output = gk * (r @ self.output.weight)  # k_c ⊙ W_oᵀ r_c  (B, C, d)
+        scores = (torch.bmm(through_output, v.transpose(1, 2))
+                  + torch.bmm(r, q.reshape(b, n, d).transpose(1, 2))) / math.sqrt(d)  # (B, C, N)
+        gamma = _softmax_n(scores, mask[:, None, :])  # (B, C, N)
+        pooled_v = torch.bmm(gamma, v)  # (B, C, d)
+        pooled_q = torch.bmm(gamma, q.reshape(b, n, d))
+        return self.output(gk * pooled_v) + pooled_q
+
+
+def _softmax_n(scores: Tensor, keep: Tensor) -> Tensor:
+    """Softmax over the last axis with padded positions (``keep`` False, broadcastable) at weight
+    exactly 0; a row with no real position gets all zeros."""
+    scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1) * keep.to(scores.dtype)
 
 
 class Reranker(nn.Module):
@@ -159,14 +245,13 @@ class Reranker(nn.Module):
         d = cfg.hidden_size
         n_features = len(FEATURE_NAMES)
         self.news_dim = news_dim
-        self.history_proj = nn.Linear(news_dim, d)  # W_h
-        self.candidate_proj = nn.Linear(news_dim, d)  # W_c
-        self.history_gate = nn.Linear(news_dim, d)  # W_h'
-        self.candidate_gate = nn.Linear(news_dim, d)  # W_c'
-        self.candidate_token = nn.Linear(news_dim, d)  # W_k: the token seeding the global query
-        self.layers = LayerStack(kind="fastformer", in_dim=d, hidden_size=d, num_heads=cfg.num_heads,
-                                 num_layers=cfg.num_layers, dropout=cfg.dropout)
-        self.pooling = AdditivePooling(d, d)
+        self.history_proj = nn.Linear(news_dim, d)
+        self.candidate_proj = nn.Linear(news_dim, d)
+        # layers before the last read the history alone (once per user); the last one per candidate
+        self.history_layers = (LayerStack(kind="fastformer", in_dim=d, hidden_size=d, num_heads=cfg.num_heads,
+                                          num_layers=cfg.num_layers - 1, dropout=cfg.dropout)
+                               if cfg.num_layers > 1 else None)
+        self.seeded = CandidateSeededFastformer(d, cfg.num_heads)
         self.head = nn.Sequential(nn.Linear(3 * d + n_features, d), nn.GELU(), nn.Dropout(cfg.dropout),
                                   nn.Linear(d, 1))
         self.retrieval_weight = nn.Parameter(torch.ones(()))
@@ -183,29 +268,20 @@ class Reranker(nn.Module):
         self.feature_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.feature_std.copy_(torch.as_tensor(np.maximum(std, 1e-6), dtype=torch.float32))
 
-    def user_vectors(self, history_vectors: Tensor, history_mask: Tensor, candidate_vectors: Tensor) -> Tensor:
-        """Candidate-aware user vectors: one per (user, candidate) pair.
-
-        history_vectors [B, N, D], history_mask [B, N], candidate_vectors [B, C, D] → [B, C, d].
-        """
-        b, n, _ = history_vectors.shape
-        c = candidate_vectors.shape[1]
+    def user_vectors(self, history_vectors: Tensor, history_mask: Tensor,
+                     candidate_vectors: Tensor) -> tuple[Tensor, Tensor]:
+        """Candidate-aware user vectors [B, C, d] (one per user and candidate) and the projected
+        candidates [B, C, d], for history_vectors [B, N, D], history_mask [B, N] and
+        candidate_vectors [B, C, D]."""
         hist = self.history_proj(history_vectors)  # (B, N, d)
-        hist_gate = self.history_gate(history_vectors)  # (B, N, d)
+        if self.history_layers is not None:
+            hist = self.history_layers(hist, history_mask)
         cand = self.candidate_proj(candidate_vectors)  # (B, C, d)
-        cand_gate = self.candidate_gate(candidate_vectors)  # (B, C, d)
-        tokens = hist[:, None] + cand[:, :, None] + hist_gate[:, None] * cand_gate[:, :, None]  # (B, C, N, d)
-        seed = self.candidate_token(candidate_vectors)[:, :, None]  # (B, C, 1, d)
-        tokens = torch.cat([seed, tokens], dim=2).reshape(b * c, n + 1, -1)  # (B·C, N+1, d)
-        mask = torch.cat([history_mask.new_ones(b, 1), history_mask], dim=1)  # (B, N+1)
-        mask = mask[:, None].expand(b, c, n + 1).reshape(b * c, n + 1)
-        out = self.layers(tokens, mask)  # (B·C, N+1, d)
-        return self.pooling(out, mask).view(b, c, -1)  # (B, C, d)
+        return self.seeded(hist, history_mask, cand), cand
 
     def forward(self, history_vectors: Tensor, history_mask: Tensor, candidate_vectors: Tensor,
                 features: Tensor) -> Tensor:
-        users = self.user_vectors(history_vectors, history_mask, candidate_vectors)  # (B, C, d)
-        cand = self.candidate_proj(candidate_vectors)  # (B, C, d)
+        users, cand = self.user_vectors(history_vectors, history_mask, candidate_vectors)  # (B, C, d) each
         normed = (features - self.feature_mean) / self.feature_std  # (B, C, F)
         correction = self.head(torch.cat([users, cand, users * cand, normed], dim=-1)).squeeze(-1)
         return self.retrieval_weight * features[..., RETRIEVAL_FEATURE] + correction  # (B, C)
@@ -305,6 +381,7 @@ class LoadedReranker:
         t.vectors[news_idx] = vectors
         t.clicks[news_idx] = 0
         t.impressions[news_idx] = 0
+        t.displays[news_idx] = 0
         t.first_seen[news_idx] = seen
         t.first_seen_known[news_idx] = True
         t.category[news_idx] = 0 if category_idx is None else np.asarray(category_idx, dtype=np.int64)
@@ -318,14 +395,19 @@ class LoadedReranker:
                                f"with add_news first)")
 
     def features_for(self, *, history_idx: np.ndarray, history_mask: np.ndarray, candidate_idx: np.ndarray,
-                     retrieval_scores: np.ndarray, now_seconds: np.ndarray) -> np.ndarray:
+                     retrieval_scores: np.ndarray, now_seconds: np.ndarray,
+                     exposure: np.ndarray | None = None) -> np.ndarray:
         """Features float32 [B, C, F] for histories int [B, N] (mask [B, N]), candidates int [B, C],
-        retrieval scores [B, C] and "now" per user (seconds since the epoch, [B])."""
+        retrieval scores [B, C] and "now" per user (seconds since the epoch, [B]). ``exposure``
+        [B, C]: showings of each candidate before now; default: every showing in the dataset's
+        logs (serving, after them)."""
         t = self.tables
         age = now_seconds[:, None] - t.first_seen[candidate_idx]
+        if exposure is None:
+            exposure = t.displays[candidate_idx]
         return build_features(
             retrieval_scores=retrieval_scores, clicks=t.clicks[candidate_idx],
-            impressions=t.impressions[candidate_idx], age_seconds=age,
+            impressions=t.impressions[candidate_idx], exposure=exposure, age_seconds=age,
             age_known=t.first_seen_known[candidate_idx], candidate_category=t.category[candidate_idx],
             candidate_subcategory=t.subcategory[candidate_idx], history_category=t.category[history_idx],
             history_subcategory=t.subcategory[history_idx], history_mask=history_mask,
@@ -333,11 +415,12 @@ class LoadedReranker:
 
     @torch.inference_mode()
     def score_batch(self, *, history_idx: np.ndarray, history_mask: np.ndarray, candidate_idx: np.ndarray,
-                    retrieval_scores: np.ndarray, now_seconds: np.ndarray) -> np.ndarray:
-        """Scores float32 [B, C] (shapes as in ``features_for``)."""
+                    retrieval_scores: np.ndarray, now_seconds: np.ndarray,
+                    exposure: np.ndarray | None = None) -> np.ndarray:
+        """Scores float32 [B, C] (arguments as in ``features_for``)."""
         feats = self.features_for(history_idx=history_idx, history_mask=history_mask,
                                   candidate_idx=candidate_idx, retrieval_scores=retrieval_scores,
-                                  now_seconds=now_seconds)
+                                  now_seconds=now_seconds, exposure=exposure)
         vecs = self.tables.vectors
         dev = self.device
         scores = self.model(torch.from_numpy(vecs[history_idx]).to(dev),
@@ -347,12 +430,14 @@ class LoadedReranker:
         return scores.float().cpu().numpy()
 
     def rerank(self, history_idx: np.ndarray, candidate_idx: np.ndarray, retrieval_scores: np.ndarray,
-               now: datetime | None = None) -> np.ndarray:
+               now: datetime | None = None, exposure: np.ndarray | None = None) -> np.ndarray:
         """Two-stage scores float32 [C] for one user.
 
         history_idx int [N] (oldest first; the most recent ``history_len`` are used),
         candidate_idx int [C], retrieval_scores float [C] (the first stage's scores of those
-        candidates), now: the request time (default: the reference now, see ``reference_now``).
+        candidates), now: the request time (default: the reference now, see ``reference_now``),
+        exposure int [C]: showings of each candidate so far (default: all showings in the dataset's
+        logs, which serving comes after).
         """
         history_idx = np.asarray(history_idx, dtype=np.int64).reshape(-1)[-self.history_len:]
         candidate_idx = np.asarray(candidate_idx, dtype=np.int64).reshape(-1)
@@ -368,16 +453,37 @@ class LoadedReranker:
         if len(candidate_idx) == 0:
             return np.zeros(0, dtype=np.float32)
         return self.score_batch(history_idx=hist[None], history_mask=mask, candidate_idx=candidate_idx[None],
-                                retrieval_scores=retrieval_scores[None], now_seconds=np.array([now_s]))[0]
+                                retrieval_scores=retrieval_scores[None], now_seconds=np.array([now_s]),
+                                exposure=None if exposure is None else np.asarray(exposure)[None])[0]
+
+    def exposure_counter(self, impressions: Any) -> Any:
+        """``exposure(news_idx [B, C], now_seconds [B]) -> int64 [B, C]``: showings of each news
+        before each moment, for scoring ``impressions`` (an ``Impressions``) — the showings of the
+        train split (all before any other split) plus those of ``impressions`` strictly before the
+        moment. Scoring the train split itself counts its own earlier showings only."""
+        from newsrec.data.popularity import PrefixCounts
+
+        within = PrefixCounts(impressions, clicks=False)
+        base = (np.zeros_like(self.tables.impressions) if impressions.split == "train"
+                else self.tables.impressions)
+
+        def exposure(news_idx: np.ndarray, now_seconds: np.ndarray) -> np.ndarray:
+            _, shown = within.at(news_idx, np.floor(now_seconds)[:, None])
+            return base[news_idx] + shown
+
+        return exposure
 
     def score_impressions(self, impressions: Any, *, retrieval_scores: np.ndarray, batch_size: int = 256,
-                          show_progress: bool = True) -> np.ndarray:
+                          show_progress: bool = True, shown_in: Any = None) -> np.ndarray:
         """Two-stage scores of every candidate of ``impressions`` (an ``Impressions``), float32
         aligned with ``impressions.candidates`` ([M], same shape as the first stage's scores).
 
         retrieval_scores: float [M], the first stage's scores of the same candidates. "Now" of each
-        impression is its own time. Impressions are scored ``batch_size`` at a time, padded to the
-        longest candidate list of the batch.
+        impression is its own time; the exposure of a candidate is its showings before that time
+        (``exposure_counter`` over ``shown_in``, the log of what was shown — default ``impressions``
+        itself; pass the real log when ``impressions`` holds other candidates, e.g. retrieved ones).
+        Impressions are scored ``batch_size`` at a time, padded to the longest candidate list of the
+        batch.
         """
         from newsrec.utils.progress import progress
 
@@ -389,6 +495,7 @@ class LoadedReranker:
         self._check_idx(impressions.history, "history")
         out = np.zeros(len(impressions.candidates), dtype=np.float32)
         now_all = impressions.time.astype("datetime64[us]").astype(np.int64) / 1e6
+        exposure = self.exposure_counter(impressions if shown_in is None else shown_in)
         counts = impressions.candidate_counts
         bar = progress(total=len(impressions), desc="re-ranking", unit="imp", disable=not show_progress or None)
         # sort by candidate count so padding stays small
@@ -400,7 +507,8 @@ class LoadedReranker:
             ret = np.zeros(cand_idx.shape, dtype=np.float64)
             ret[cand_mask] = retrieval_scores[flat]
             scores = self.score_batch(history_idx=hist_idx, history_mask=hist_mask, candidate_idx=cand_idx,
-                                      retrieval_scores=ret, now_seconds=now_all[rows])
+                                      retrieval_scores=ret, now_seconds=now_all[rows],
+                                      exposure=exposure(cand_idx, now_all[rows]))
             out[flat] = scores[cand_mask]
             bar.update(len(rows))
         bar.close()

@@ -137,12 +137,17 @@ def retrieve_top(model: Any, user_vectors: torch.Tensor, news_vectors: torch.Ten
 
 
 def news_tables(dataset: DatasetArtifact, news_vectors: np.ndarray) -> tuple[NewsTables, float]:
-    """Serving-time tables (counts over all of train) and the train mean click-through."""
+    """Serving-time tables (click counts over all of train, showings over every split) and the train
+    mean click-through."""
     counts = news_counts_from_artifact(dataset)
     seen, known = first_seen_seconds(dataset)
     cat, sub = dataset.news_categories
+    displays = np.zeros(dataset.n_news + 1, dtype=np.int64)
+    for split in dataset.splits:
+        displays += np.bincount(dataset.impressions(split).candidates, minlength=dataset.n_news + 1)[:len(displays)]
     tables = NewsTables(vectors=np.ascontiguousarray(news_vectors, dtype=np.float32), clicks=counts.clicks,
-                        impressions=counts.impressions, first_seen=seen, first_seen_known=known,
+                        impressions=counts.impressions, displays=displays, first_seen=seen,
+                        first_seen_known=known,
                         category=cat.astype(np.int64), subcategory=sub.astype(np.int64))
     return tables, counts.mean_ctr
 
@@ -206,7 +211,7 @@ def _build_batch(data: _TrainData, tables: NewsTables, sample_ids: np.ndarray, *
         shown[:, hard_cols] = np.where(mask[:, hard_cols], hs, 0)
     hist, hist_mask = padded_histories(imps, rows, max_len=history_len)
     feats = build_features(
-        retrieval_scores=ret, clicks=clicks, impressions=shown,
+        retrieval_scores=ret, clicks=clicks, impressions=shown, exposure=shown,  # train's past = its prefix
         age_seconds=data.now[rows][:, None] - tables.first_seen[cand], age_known=tables.first_seen_known[cand],
         candidate_category=tables.category[cand], candidate_subcategory=tables.subcategory[cand],
         history_category=tables.category[hist], history_subcategory=tables.subcategory[hist],
@@ -289,11 +294,13 @@ def compare_on_impressions(labels: np.ndarray, offsets: np.ndarray, first_stage:
 
 
 def evaluate_retrieved(retriever: Any, reranker: LoadedReranker, impressions: Impressions, *, retrieve_k: int,
-                       batch_size: int = 64, device: str | torch.device = "cpu") -> dict[str, dict[str, Any]]:
+                       batch_size: int = 64, device: str | torch.device = "cpu",
+                       shown_in: Impressions | None = None) -> dict[str, dict[str, Any]]:
     """Both stages on *retrieved* candidates: for each impression, the first stage retrieves its top
     ``retrieve_k`` news available at that time (history excluded); a retrieved news is relevant when
     the impression shows it clicked. The first stage ranks by its score, the two-stage model re-ranks
-    the same list. Returns {"first_stage", "two_stage"} metrics (impressions where no click was
+    the same list. ``shown_in``: the whole log ``impressions`` was sampled from (exposure counts
+    come from it; default ``impressions``). Returns {"first_stage", "two_stage"} metrics (impressions where no click was
     retrieved count as ``no_click``) plus "recall" (share of clicks retrieved)."""
     from newsrec.eval.metrics import compute_metrics
 
@@ -322,7 +329,8 @@ def evaluate_retrieved(retriever: Any, reranker: LoadedReranker, impressions: Im
                             candidates=top_idx[valid].astype(np.int32), candidate_offsets=offsets,
                             labels=clicked[valid])
     first = top_scores[valid].astype(np.float32)
-    two = reranker.score_impressions(retrieved, retrieval_scores=first, batch_size=batch_size)
+    two = reranker.score_impressions(retrieved, retrieval_scores=first, batch_size=batch_size,
+                                     shown_in=impressions if shown_in is None else shown_in)
     total_clicks = int(sum(int(impressions.labels_of(i).sum()) for i in range(len(impressions))))
     return {"first_stage": compute_metrics(retrieved.labels, first, offsets),
             "two_stage": compute_metrics(retrieved.labels, two, offsets),
