@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=REPO / "configs" / "nrms_mhsa.yaml")
     parser.add_argument("-o", "--override", dest="overrides", action="append", default=[])
     parser.add_argument("--skip-mhsa", action="store_true")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="write the trained models here (fastformer/, mhsa/) instead of a temporary folder")
     args = parser.parse_args()
 
     rows: dict[str, dict[str, Any]] = {}
@@ -66,9 +68,10 @@ def main() -> None:
     rows["oracle"] = {k: float(oracle["dev"][k]) for k in METRICS}
     rows["popularity"] = {k: float(v) for k, v in popularity_metrics(args.data).items() if k in METRICS}
     with tempfile.TemporaryDirectory(prefix="newsrec-quality-") as tmp:
-        rows["fastformer"] = train_one(args.config, args.overrides, args.data, Path(tmp) / "fastformer")
+        out = args.keep or Path(tmp)
+        rows["fastformer"] = train_one(args.config, args.overrides, args.data, out / "fastformer")
         if not args.skip_mhsa:
-            rows["mhsa"] = train_one(args.baseline, args.overrides, args.data, Path(tmp) / "mhsa")
+            rows["mhsa"] = train_one(args.baseline, args.overrides, args.data, out / "mhsa")
 
     table = [{"model": name, **{k: r.get(k) for k in METRICS}, "train_s": r.get("train_s"),
               "samples_s": r.get("samples_s")} for name, r in rows.items()]

@@ -119,10 +119,13 @@ SIZES: dict[str, SynthSize] = {
 class ClickModel:
     """Coefficients of the click logit (see the module docstring)."""
 
-    category_scale: float = 0.9  # mean weight of an interest category
-    subcategory_scale: float = 1.1
-    topic_scale: float = 1.4
-    popularity_scale: float = 0.45  # per standard deviation of log popularity
+    # Personal interest dominates, as in MIND (where personalised models beat popularity by far):
+    # at demo size the affinity term alone ranks dev at AUC 0.70, popularity + freshness alone 0.57,
+    # everything 0.75.
+    category_scale: float = 1.6  # mean weight of an interest category
+    subcategory_scale: float = 1.9
+    topic_scale: float = 2.4
+    popularity_scale: float = 0.25  # per standard deviation of log popularity
     freshness_scale: float = 0.5
     noise_std: float = 1.0  # per (user, news) logit noise the oracle cannot see
     click_rate: float = 0.04  # target share of clicked candidates, forced clicks included
