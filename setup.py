@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["newsrec", "newsrec.*", "pipelines", "pipelines.*"]),
+    package_data={"newsrec.serve": ["static/*.html"]},  # the page `newsrec serve` answers at GET /
     # torch is pinned by the install path (Makefile: torch==2.13.0, the CPU build); a range here
     # lets GPU users keep the CUDA build they already have.
     install_requires=[
@@ -29,7 +30,8 @@ setup(
     extras_require={
         "gpu": ["faiss-gpu-cu12>=1.8"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "httpx>=0.27", "matplotlib>=3.8"],
+        # selenium drives the system's chromium + chromedriver in tests/test_web_page.py
+        "dev": ["pytest>=8", "hypothesis>=6.100", "httpx>=0.27", "matplotlib>=3.8", "selenium>=4.20"],
     },
     entry_points={"console_scripts": ["newsrec=newsrec.cli:main"]},
 )

@@ -2,23 +2,29 @@
 
 Endpoints::
 
+    GET  /            an HTML page to try the recommender (static, calls /users and /recommend)
     POST /recommend   {"user_id": "U1"} or {"history": ["N1", ...]}, optional "k", "ignore_unknown"
                       → {"items": [{"news_id", "score", "retrieval_score", "title", "category",
-                         "fresh"}, ...], "history_used", "ignored_ids", "reranked", "took_ms"}
+                         "fresh"}, ...], "history": [{"news_id", "title", "category"}, ...],
+                         "history_used", "ignored_ids", "reranked", "took_ms"}
+                      ("history": the clicks fed to the user encoder, oldest first)
+    GET  /users       ?limit=50 (1..1000) → {"user_ids": [...], "total"}: sample user ids of the dataset
     POST /news        {"news_id", "title", "category"?, "subcategory"?} → 201, the news is retrievable
     POST /index/save  persist fresh news into INDEX_DIR (atomic); also done at shutdown
     GET  /health      {"status": "ok", news count, index kind, uptime, counters}
     GET  /metrics     counters: requests, 4xx, 5xx per endpoint; latency p50/p95/p99 (ms)
 
-Bad input never reaches the model: malformed JSON → 400; missing/extra fields, wrong types, k out of
-range, a history longer than ``serve.max_history`` → 422; unknown user → 404; unknown history
-ids → 422 naming them (or dropped with ``"ignore_unknown": true`` / ``serve.ignore_unknown_history``);
-a body larger than ``serve.max_body_bytes`` → 413; a duplicate fresh news id → 409. Every error
-answers ``{"detail": "<one line>"}``; an unexpected failure answers 500 and the service keeps serving.
+Bad input never reaches the model: malformed JSON → 400; missing/extra fields, wrong types, k or
+limit out of range, a history longer than ``serve.max_history`` → 422; unknown user → 404; unknown
+history ids → 422 naming them (or dropped with ``"ignore_unknown": true`` /
+``serve.ignore_unknown_history``); a body larger than ``serve.max_body_bytes`` → 413; a duplicate
+fresh news id → 409. Every error answers ``{"detail": "<one line>"}``; an unexpected failure answers
+500 and the service keeps serving.
 """
 # No `from __future__ import annotations`: FastAPI must see the request models built in create_app.
 
 import contextlib
+import importlib.resources
 import logging
 import threading
 import time
@@ -26,9 +32,9 @@ from collections import deque
 from typing import Any, AsyncIterator
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -38,6 +44,7 @@ from newsrec.serve.service import DuplicateNewsError, Recommender, UnknownNewsEr
 
 log = logging.getLogger("newsrec.serve")
 MAX_ID_CHARS = 128
+MAX_SAMPLE_USERS = 1000
 
 
 # ---------------------------------------------------------------------------- request / response
@@ -80,8 +87,15 @@ class ItemOut(BaseModel):
     fresh: bool
 
 
+class NewsOut(BaseModel):
+    news_id: str
+    title: str
+    category: str
+
+
 class RecommendResponse(BaseModel):
     items: list[ItemOut]
+    history: list[NewsOut]
     history_used: int
     ignored_ids: list[str]
     reranked: bool
@@ -91,6 +105,11 @@ class RecommendResponse(BaseModel):
 class NewsResponse(BaseModel):
     news_id: str
     news_count: int
+
+
+class UsersResponse(BaseModel):
+    user_ids: list[str]
+    total: int
 
 
 # ---------------------------------------------------------------------------- counters
@@ -202,11 +221,18 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
 
 
 # ---------------------------------------------------------------------------- the app
+def page_html() -> str:
+    """The page answered at ``GET /``: package data ``newsrec/serve/static/index.html`` (see setup.py)."""
+    static = importlib.resources.files("newsrec.serve").joinpath("static")
+    return static.joinpath("index.html").read_text(encoding="utf-8")
+
+
 def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
                save_on_shutdown: bool = True) -> FastAPI:
     """The FastAPI app over ``service``. Limits come from ``serve_cfg`` (default: the service's)."""
     cfg = serve_cfg or service.serve_cfg
     RecommendRequest, NewsRequest = _request_models(cfg)
+    page = page_html()
     metrics = ServiceMetrics(cfg.latency_window)
     known_paths: set[str] = set()  # filled once the routes exist; unknown paths count as "unmatched"
 
@@ -270,7 +296,8 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
         except (UnknownNewsError, NewsrecError) as exc:
             return _error(422, exc)
         return RecommendResponse(
-            items=[ItemOut(**vars(item)) for item in rec.items], history_used=rec.history_used,
+            items=[ItemOut(**vars(item)) for item in rec.items],
+            history=[NewsOut(**vars(news)) for news in rec.history], history_used=rec.history_used,
             ignored_ids=rec.ignored_ids, reranked=rec.reranked,
             took_ms=round(1e3 * (time.perf_counter() - started), 3))
 
@@ -293,6 +320,16 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
         except NewsrecError as exc:
             return _error(409, exc)
         return {"saved": str(path.name), "news_count": service.index.count}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page_to_try() -> HTMLResponse:
+        """The HTML page: pick a user or paste a history, see the history and the recommendations."""
+        return HTMLResponse(page)
+
+    @app.get("/users", response_model=UsersResponse, responses={422: {}})
+    def sample_users(limit: int = Query(50, ge=1, le=MAX_SAMPLE_USERS)) -> Any:
+        """Up to ``limit`` user ids of the dataset (by latest impression) and how many users it has."""
+        return UsersResponse(user_ids=service.sample_user_ids(limit), total=service.n_users)
 
     @app.get("/health")
     def health() -> dict[str, Any]:

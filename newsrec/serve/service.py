@@ -10,6 +10,7 @@ added through :meth:`Recommender.add_news`. Clicked news are never recommended b
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,12 +60,22 @@ class Item:
 
 
 @dataclass(frozen=True)
+class NewsInfo:
+    """A news as people see it: its id, title and category ("" when the news has none)."""
+
+    news_id: str
+    title: str
+    category: str
+
+
+@dataclass(frozen=True)
 class Recommendation:
     items: list[Item]
     history_used: int  # clicks fed to the user encoder (after truncation to data.history_len)
     ignored_ids: list[str] = field(default_factory=list)  # unknown history ids dropped on request
     reranked: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)
+    history: list[NewsInfo] = field(default_factory=list)  # those clicks, oldest first; len == history_used
 
 
 class Recommender:
@@ -176,6 +187,10 @@ class Recommender:
                 self._latest_row = {}
         return self._latest_row
 
+    def sample_user_ids(self, limit: int) -> list[str]:
+        """Up to ``limit`` user ids of the artifact, in the order of their latest impression."""
+        return list(itertools.islice(self._user_rows(), limit))
+
     def user_history(self, user_id: str) -> np.ndarray:
         """Keys of the user's clicks (oldest first, full length) from their latest impression."""
         where = self._user_rows().get(user_id)
@@ -255,8 +270,9 @@ class Recommender:
                               retrieval_score=float(retrieval_scores[i]), title=title,
                               category=category, fresh=key > self.dataset.n_news))
         timings.update(encode_ms=1e3 * (t1 - t0), retrieve_ms=1e3 * (t2 - t1), rerank_ms=1e3 * (t3 - t2))
-        return Recommendation(items=items, history_used=min(len(history_keys), self.history_len),
-                              ignored_ids=ignored, reranked=reranked, timings_ms=timings)
+        used = [NewsInfo(*self._info(int(key))) for key in history_keys[-self.history_len:]]
+        return Recommendation(items=items, history_used=len(used), ignored_ids=ignored, reranked=reranked,
+                              timings_ms=timings, history=used)
 
     def _rerank(self, history_keys: np.ndarray, cand_keys: np.ndarray, retrieval_scores: np.ndarray,
                 now: _dt.datetime | None) -> np.ndarray:
