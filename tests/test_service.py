@@ -211,3 +211,12 @@ def test_cli_index_and_recommend(serving_dirs, tmp_path):
     assert result.exit_code == 1 and "unknown user 'nobody'" in result.output
     result = runner.invoke(main, ["recommend", "--model", str(serving_dirs.model_dir), "--index", str(out)])
     assert result.exit_code == 2 and "exactly one of --user" in result.output
+
+
+def test_search_settings_given_at_load_replace_the_built_ones(serving_dirs):
+    from newsrec.config import IndexConfig
+
+    built = Recommender.load(serving_dirs.model_dir, serving_dirs.index_dir)
+    assert built.index.params["search_threads"] != 3
+    tuned = Recommender.load(serving_dirs.model_dir, serving_dirs.index_dir, index_cfg=IndexConfig(search_threads=3))
+    assert tuned.index.params["search_threads"] == 3

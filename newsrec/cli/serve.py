@@ -34,6 +34,13 @@ def _settings(config_path: str | None, overrides: tuple[str, ...], model_dir: st
     return config_from_dict(base or {}, overrides=overrides, source=str(saved))
 
 
+def _search_settings(config, config_path: str | None, overrides: tuple[str, ...]):
+    """The index section when the user gave one (-c FILE or -o index.*): its search-time settings
+    replace those the index was built with; otherwise None (keep the built ones)."""
+    given = config_path is not None or any(o.strip().startswith("index.") for o in overrides)
+    return config.index if given else None
+
+
 @main.command("index")
 @_MODEL
 @click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
@@ -72,7 +79,7 @@ def recommend_command(model_dir: str, index_dir: str, reranker_dir: str | None, 
         raise click.UsageError("give exactly one of --user ID or --history N1,N2,...")
     config = _settings(config_path, overrides, model_dir)
     service = Recommender.load(model_dir, index_dir, reranker_dir=reranker_dir, data_dir=data_dir,
-                               serve_cfg=config.serve)
+                               serve_cfg=config.serve, index_cfg=_search_settings(config, config_path, overrides))
     news_ids = None if history is None else [h.strip() for h in history.split(",") if h.strip()]
     rec = service.recommend(user_id=user_id, history=news_ids, k=k, ignore_unknown=ignore_unknown or None)
     who = f"user {user_id}" if user_id is not None else "the given history"
@@ -108,7 +115,7 @@ def serve_command(model_dir: str, index_dir: str, reranker_dir: str | None, data
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port}: expected 1..65535")
     service = Recommender.load(model_dir, index_dir, reranker_dir=reranker_dir, data_dir=data_dir,
-                               serve_cfg=config.serve)
+                               serve_cfg=config.serve, index_cfg=_search_settings(config, config_path, overrides))
     app = create_app(service, config.serve)
     click.echo(f"serving {service.index.count} news ({service.index.kind} index"
                f"{', re-ranker' if service.reranker is not None else ''}) on http://{host}:{port} "

@@ -115,9 +115,11 @@ class Recommender:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, model_dir: str | Path, index_dir: str | Path, *, reranker_dir: str | Path | None = None,
-             data_dir: str | Path | None = None, serve_cfg: ServeConfig | None = None) -> "Recommender":
+             data_dir: str | Path | None = None, serve_cfg: ServeConfig | None = None,
+             index_cfg: IndexConfig | None = None) -> "Recommender":
         """Open MODEL_DIR, INDEX_DIR (and RERANKER_DIR). The dataset artifact is ``data_dir`` or the
-        one the model was trained on (recorded in model.json)."""
+        one the model was trained on (recorded in model.json). ``index_cfg``: search-time settings
+        (nprobe, efSearch, threads) that replace the ones the index was built with."""
         from newsrec.models.io import check_compatible, load_model
 
         loaded = load_model(model_dir)
@@ -126,6 +128,8 @@ class Recommender:
         index = load_index(index_dir, device=loaded.config.index.device)
         check_index_matches(index, model_dir=Path(model_dir), n_news=dataset.n_news,
                             news_dim=loaded.model.news_dim, index_dir=Path(index_dir))
+        if index_cfg is not None:
+            index.configure_search(index_cfg)
         reranker = None
         if reranker_dir is not None:
             from newsrec.models.reranker import load_reranker
