@@ -127,6 +127,21 @@ def test_news_statistics(corpus_artifact):
     assert news["N3"]["abstract_entities"] == ["Q2", "Q1"]
 
 
+def test_news_statistics_count_kept_impressions_only(tmp_path):
+    # impression 5 loses its only candidate under --missing-news drop: its history counts nowhere;
+    # N6 is in no impression: zero counts, no first_seen
+    rows = GOOD + [behaviors_row(5, "U5", ["N1", "N4"], [("N404", 1)], when=BASE_TIME - dt.timedelta(days=1))]
+    write_split(tmp_path / "train", news=GOOD_NEWS + [news_row("N6")], behaviors=rows)
+    ingest(_cfg(missing_news="drop"), train=tmp_path / "train", out_dir=tmp_path / "out")
+    news = {r["news_id"]: r for r in open_dataset(tmp_path / "out").news.iter_rows(named=True)}
+    counts = {n: (r["train_impressions"], r["train_clicks"], r["train_history_clicks"])
+              for n, r in news.items()}
+    assert counts == {"N1": (1, 1, 2), "N2": (2, 2, 1), "N3": (1, 0, 1), "N4": (2, 0, 1), "N5": (2, 1, 0),
+                      "N6": (0, 0, 0)}
+    assert all(news[f"N{i}"]["first_seen"] == BASE_TIME for i in range(1, 6))
+    assert news["N6"]["first_seen"] is None
+
+
 def test_entities_and_manifest(corpus_artifact):
     result, ds = corpus_artifact
     ids = json.loads((ds.root / schema.ENTITIES).read_text())["ids"]
@@ -382,3 +397,16 @@ def test_ids_not_of_mind_form_map_through_the_general_path(tmp_path):
     assert [ds.news_idx_to_id[i] for i in train.candidates] == ["a-1", "N2", "N07"]
     assert [ds.news_idx_to_id[i] for i in train.history] == ["N07", "a-1", "N2"]
     assert train.labels.tolist() == [1, 0, 1]
+
+
+def test_ids_that_only_look_numeric_stay_distinct(tmp_path):
+    # only N<digits> without a sign or a leading zero is read as a number: N+5 and N05 are not N5
+    news = [news_row(i) for i in ("N5", "N05", "N+5")]
+    rows = [behaviors_row(1, "U1", ["N05", "N+5"], [("N5", 1), ("N05", 0), ("N+5", 0)]),
+            behaviors_row(2, "U2", ["N5"], [("N+5", 1)])]
+    write_split(tmp_path / "train", news=news, behaviors=rows)
+    ingest(Config(), train=tmp_path / "train", out_dir=tmp_path / "out")
+    ds = open_dataset(tmp_path / "out")
+    train = ds.impressions("train")
+    assert [ds.news_idx_to_id[i] for i in train.candidates] == ["N5", "N05", "N+5", "N+5"]
+    assert [ds.news_idx_to_id[i] for i in train.history] == ["N05", "N+5", "N5"]

@@ -29,6 +29,9 @@ from newsrec.utils.progress import progress
 
 MISSING_NEWS_EXAMPLES = 5
 MAX_LOOKUP_TABLE = 100_000_000  # largest N<digits> id mapped through a dense table
+_NEVER = np.iinfo(np.int64).max  # first_seen of a news no impression shows
+# zstd level 1 writes behaviors twice as fast as polars' default level (3), and no larger
+PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 1}
 
 
 @dataclass
@@ -40,6 +43,24 @@ class SplitData:
     news: mind.NewsTable
     behaviors: mind.BehaviorsTable
     entities: mind.EntityVectors | None
+
+
+@dataclass
+class FlatBehaviors:
+    """One split's mapped impressions as flat arrays, the values behind its behaviors frame.
+
+    ``history`` int32 [n_history] and ``candidates`` int32 [n_candidates]: news_idx of all rows,
+    grouped by row in row order; ``candidate_counts`` int64 [n_rows]: candidates per row;
+    ``labels`` int8 [n_candidates] (0/1), or None on an unlabelled split; ``time`` int64 [n_rows]:
+    impression time in microseconds since the epoch (never null: rows with a bad time are dropped
+    by the reader).
+    """
+
+    history: np.ndarray
+    candidates: np.ndarray
+    candidate_counts: np.ndarray
+    labels: np.ndarray | None
+    time: np.ndarray
 
 
 @dataclass
@@ -114,11 +135,12 @@ def ingest(config: Config, *, train: str | Path, dev: str | Path | None = None,
         bar.set_postfix_str("mapping news ids")
         id_map = news.select("news_id", "news_idx")
         behaviors: dict[str, pl.DataFrame] = {}
+        flat: dict[str, FlatBehaviors] = {}
         missing_total = {"ids": 0, "references": 0, "impressions_dropped": 0}
         missing_ids: set[str] = set()
         for name, split in splits.items():
-            frame, missing = _map_behaviors(split.behaviors, id_map, policy=data_cfg.missing_news)
-            behaviors[name] = frame
+            behaviors[name], flat[name], missing = _map_behaviors(split.behaviors, id_map,
+                                                                  policy=data_cfg.missing_news)
             missing_ids |= missing["ids"]
             missing_total["references"] += missing["references"]
             missing_total["impressions_dropped"] += missing["impressions_dropped"]
@@ -126,7 +148,8 @@ def ingest(config: Config, *, train: str | Path, dev: str | Path | None = None,
         bar.update(1)
 
         bar.set_postfix_str("news statistics")
-        news_full = _news_statistics(news, news_by_split, behaviors, categories)
+        news_full = _news_statistics(news, news_by_split, flat, categories)
+        del flat
         bar.update(1)
 
         glove_info = None
@@ -143,10 +166,10 @@ def ingest(config: Config, *, train: str | Path, dev: str | Path | None = None,
                              glove_info, glove, entity_ids)
         out_dir = Path(out_dir)
         with atomic_dir(out_dir) as tmp:
-            news_full.write_parquet(tmp / schema.NEWS)
+            news_full.write_parquet(tmp / schema.NEWS, **PARQUET_OPTIONS)
             np.save(tmp / schema.TITLE_TOKENS, title_tokens)
             for name, frame in behaviors.items():
-                frame.write_parquet(tmp / schema.behaviors_file(name))
+                frame.write_parquet(tmp / schema.behaviors_file(name), **PARQUET_OPTIONS)
             write_json(tmp / schema.VOCAB, {"words": vocab})
             write_json(tmp / schema.CATEGORIES, categories)
             if word_vectors is not None:
@@ -196,8 +219,9 @@ def _union_news(splits: dict[str, SplitData]) -> tuple[pl.DataFrame, pl.DataFram
 
 
 def _map_behaviors(table: mind.BehaviorsTable, id_map: pl.DataFrame, *, policy: str
-                   ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """News ids → news_idx; build the behaviors frame of BEHAVIORS_SCHEMA (list columns)."""
+                   ) -> tuple[pl.DataFrame, FlatBehaviors, dict[str, Any]]:
+    """News ids → news_idx; build the behaviors frame of BEHAVIORS_SCHEMA (list columns), the same
+    impressions as flat arrays, and the count of missing news (dropped under ``policy="drop"``)."""
     n = len(table.frame)
     history, h_missing = lookup_news(table.history_ids, id_map)
     candidates, c_missing = lookup_news(table.candidate_ids, id_map)
@@ -241,7 +265,11 @@ def _map_behaviors(table: mind.BehaviorsTable, id_map: pl.DataFrame, *, policy: 
     )
     if not keep_rows.all():
         frame = frame.filter(pl.Series(keep_rows))
-    return frame.select(list(schema.BEHAVIORS_SCHEMA)), missing_info
+        history = history[np.repeat(keep_rows, history_counts)]
+        candidate_counts = candidate_counts[keep_rows]
+    flat = FlatBehaviors(history=history, candidates=candidates, candidate_counts=candidate_counts,
+                         labels=labels, time=frame["time"].to_physical().to_numpy())
+    return frame.select(list(schema.BEHAVIORS_SCHEMA)), flat, missing_info
 
 
 def lookup_news(ids: mind.NewsIds, id_map: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -257,8 +285,7 @@ def lookup_news(ids: mind.NewsIds, id_map: pl.DataFrame) -> tuple[np.ndarray, np
     if news_numbers is not None and news_numbers.max() < MAX_LOOKUP_TABLE:
         table = np.zeros(int(news_numbers.max()) + 2, dtype=np.int32)
         table[news_numbers] = news_idx.to_numpy()
-        numbers = np.minimum(ids.numbers, len(table) - 1)  # beyond the largest id: the 0 at the end
-        idx = table[numbers]
+        idx = table.take(ids.numbers, mode="clip")  # beyond the largest id: the 0 at the end
         return idx, idx == 0
     mapped = ids.to_strings().replace_strict(news_ids, news_idx, default=None, return_dtype=pl.Int32)
     missing = mapped.is_null().to_numpy()
@@ -273,31 +300,33 @@ def _list_series(values: np.ndarray, counts: np.ndarray, dtype: pl.DataType) -> 
     return pl.Series(pl.from_arrow(arr)).cast(pl.List(dtype))
 
 
-def _news_statistics(news: pl.DataFrame, news_by_split: pl.DataFrame, behaviors: dict[str, pl.DataFrame],
+def _news_statistics(news: pl.DataFrame, news_by_split: pl.DataFrame, flat: dict[str, FlatBehaviors],
                      categories: dict[str, list[str]]) -> pl.DataFrame:
-    """Fill the NEWS_SCHEMA columns computed from behaviors: train counts and first_seen."""
+    """Fill the NEWS_SCHEMA columns computed from behaviors: train counts and first_seen.
+
+    Reductions over the flat news_idx arrays into arrays indexed by news_idx [n_news + 1]: counts
+    with ``np.add.at`` (clicks count the candidates labelled 1), first_seen as the ``np.minimum.at``
+    of the impression times of every split, repeated per candidate.
+    """
     size = len(news) + 1
     impressions = np.zeros(size, dtype=np.int64)
     clicks = np.zeros(size, dtype=np.int64)
     history_clicks = np.zeros(size, dtype=np.int64)
-    if "train" in behaviors:
-        frame = behaviors["train"]
-        cand = frame["candidates"].explode().drop_nulls().to_numpy()
-        impressions = np.bincount(cand, minlength=size)
-        labels = frame["labels"].explode().drop_nulls().to_numpy()
-        if len(labels) == len(cand):
-            clicks = np.bincount(cand, weights=labels.astype(np.float64), minlength=size).astype(np.int64)
-        history_clicks = np.bincount(frame["history"].explode().drop_nulls().to_numpy(), minlength=size)
-    first_parts = [frame.select(pl.col("candidates").alias("news_idx"), "time").explode("news_idx")
-                   .group_by("news_idx").agg(pl.col("time").min())
-                   for frame in behaviors.values()]
-    first_seen = (pl.concat(first_parts).group_by("news_idx").agg(pl.col("time").min().alias("first_seen"))
-                  if first_parts else pl.DataFrame(schema={"news_idx": pl.Int32,
-                                                           "first_seen": pl.Datetime("us")}))
+    if "train" in flat:
+        train = flat["train"]
+        np.add.at(impressions, train.candidates, 1)
+        if train.labels is not None:
+            np.add.at(clicks, train.candidates[train.labels == 1], 1)
+        np.add.at(history_clicks, train.history, 1)
+    first = np.full(size, _NEVER, dtype=np.int64)
+    for split in flat.values():
+        np.minimum.at(first, split.candidates, np.repeat(split.time, split.candidate_counts))
     idx = news["news_idx"].to_numpy()
+    first_seen = first[idx]
+    first_seen[first_seen == _NEVER] = np.datetime64("NaT", "us").view(np.int64)
     cat_ids = {c: i for i, c in enumerate(categories["category"])}
     sub_ids = {c: i for i, c in enumerate(categories["subcategory"])}
-    out = news.join(news_by_split, on="news_id", how="left").with_columns(
+    out = news.join(news_by_split, on="news_id", how="left", maintain_order="left").with_columns(
         category_idx=pl.col("category").replace_strict(list(cat_ids), list(cat_ids.values()), default=0,
                                                        return_dtype=pl.Int32),
         subcategory_idx=pl.col("subcategory").replace_strict(list(sub_ids), list(sub_ids.values()),
@@ -305,8 +334,8 @@ def _news_statistics(news: pl.DataFrame, news_by_split: pl.DataFrame, behaviors:
         train_impressions=pl.Series(impressions[idx].astype(np.int32)),
         train_clicks=pl.Series(clicks[idx].astype(np.int32)),
         train_history_clicks=pl.Series(history_clicks[idx].astype(np.int32)),
-    ).join(first_seen.with_columns(pl.col("news_idx").cast(pl.Int32)), on="news_idx", how="left",
-           maintain_order="left")
+        first_seen=pl.Series(first_seen.view("datetime64[us]")),
+    )
     return out.select([pl.col(c).cast(t) for c, t in schema.NEWS_SCHEMA.items()])
 
 

@@ -143,26 +143,36 @@ def read_lines(source: SourceFile) -> Lines:
     n_bytes = len(data)
     if data.startswith(_BOM):
         data = data[len(_BOM):]
-    if not data.strip():
+    if not data or data.isspace():
         raise DataError(source.label, f"empty file; expected {source.name} lines in MIND format")
-    _check_utf8(data, source.label)
     separator = _absent_byte(data)
-    frame = pl.read_csv(data, has_header=False, separator=separator, quote_char=None,
-                        schema={"text": pl.String}, infer_schema=False)
+    if separator is None:
+        _check_utf8(data, source.label)
+        raise DataError("input", "file contains every ASCII control character; is it a text file?")
+    try:
+        frame = pl.read_csv(data, has_header=False, separator=separator, quote_char=None,
+                            schema={"text": pl.String}, infer_schema=False)
+    except pl.exceptions.ComputeError:  # the parser rejects bytes that are not UTF-8
+        _check_utf8(data, source.label)  # raises naming the line of the first such byte
+        raise
     ends = data.endswith(b"\n")
+    has_cr = data.find(b"\r") >= 0
     del data
-    frame = frame.with_columns(
-        pl.col("text").str.strip_suffix("\r"),
-        pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("line_no"),
-    )
+    frame = frame.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("line_no"))
+    if has_cr:
+        frame = frame.with_columns(pl.col("text").str.strip_suffix("\r"))
     # Blank lines at the very end of a file are harmless; elsewhere they are bad rows.
-    blank = frame["text"].is_null() | (frame["text"].str.strip_chars() == "")
-    blank_np = blank.to_numpy()
-    if blank_np[-1]:
+    if _blank(frame["text"].tail(1))[0]:
+        blank_np = _blank(frame["text"])
         real = np.flatnonzero(~blank_np)
         frame = frame.head(int(real[-1]) + 1 if len(real) else 0)
         ends = True
     return Lines(label=source.label, frame=frame, ends_with_newline=ends, sha256=digest, n_bytes=n_bytes)
+
+
+def _blank(text: pl.Series) -> np.ndarray:
+    """bool [n]: the line is empty (null) or only whitespace."""
+    return (text.is_null() | (text.str.strip_chars() == "")).to_numpy()
 
 
 def _check_utf8(data: bytes, label: str) -> None:
@@ -183,12 +193,13 @@ def _check_utf8(data: bytes, label: str) -> None:
         start = end
 
 
-def _absent_byte(data: bytes) -> str:
-    """A control byte that never occurs in ``data``: the 'separator' that keeps each line whole."""
+def _absent_byte(data: bytes) -> str | None:
+    """A control byte that never occurs in ``data``: the 'separator' that keeps each line whole
+    (None if ``data`` holds them all)."""
     for code in (0x1F, 0x1E, 0x1D, 0x1C, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
         if data.find(bytes([code])) < 0:
             return chr(code)
-    raise DataError("input", "file contains every ASCII control character; is it a text file?")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,10 +275,11 @@ def _tokens(column: pl.Series) -> tuple[pl.Series, np.ndarray, np.ndarray]:
     del lists
     rows = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
     keep = (flat != "").to_numpy()
+    counts = lengths.astype(np.int64)
     if not keep.all():
+        counts -= np.bincount(rows[~keep], minlength=len(lengths))
         flat = flat.filter(pl.Series(keep))
         rows = rows[keep]
-    counts = np.bincount(rows, minlength=len(lengths)).astype(np.int64)
     return flat, rows, counts
 
 
@@ -364,6 +376,8 @@ def _parse_entities(column: pl.Series, ok: pl.Series) -> tuple[pl.Series, pl.Ser
 
 
 _NUMERIC_ID = r"^N[1-9][0-9]{0,17}$"
+_MAX_ID_DIGITS = 18  # as in _NUMERIC_ID
+_POW10 = 10 ** np.arange(_MAX_ID_DIGITS + 1, dtype=np.int64)  # int64 [19]: 1, 10, ..., 10**18
 
 
 @dataclass
@@ -376,11 +390,8 @@ class NewsIds:
 
     @staticmethod
     def from_tokens(tokens: pl.Series) -> "NewsIds":
-        if len(tokens) and tokens.str.contains(_NUMERIC_ID).all():
-            return NewsIds(tokens.str.slice(1).cast(pl.Int64).to_numpy(), None)
-        if not len(tokens):
-            return NewsIds(np.zeros(0, dtype=np.int64), None)
-        return NewsIds(None, tokens)
+        numbers = _mind_numbers(tokens)
+        return NewsIds(numbers, None) if numbers is not None else NewsIds(None, tokens)
 
     def __len__(self) -> int:
         return len(self.numbers) if self.numbers is not None else len(self.strings)
@@ -403,6 +414,29 @@ class NewsIds:
             nums = self.numbers if mask is None else self.numbers[mask]
             return pl.select(pl.lit("N") + pl.Series("id", nums).cast(pl.String)).to_series()
         return self.strings if mask is None else self.strings.filter(pl.Series(mask))
+
+
+def _mind_numbers(tokens: pl.Series) -> np.ndarray | None:
+    """int64 [n]: 123 for each token ``N123`` when every token matches ``_NUMERIC_ID``, else None.
+
+    Checked without a regex: a token matches when it starts with ``N`` and its other ``d`` bytes
+    (1 ≤ d ≤ 18) parse as an integer of exactly ``d`` digits, which leaves no room for a sign, a
+    space or a leading zero.
+    """
+    if not len(tokens):
+        return np.zeros(0, dtype=np.int64)
+    if not tokens.str.starts_with("N").all():
+        return None
+    numbers = tokens.str.slice(1).str.to_integer(strict=False)
+    if numbers.null_count():
+        return None
+    lengths = tokens.str.len_bytes().to_numpy()  # uint32 [n]: 1 + d
+    if lengths.min() < 2 or lengths.max() > 1 + _MAX_ID_DIGITS:
+        return None
+    values = numbers.to_numpy()
+    if (values < _POW10[lengths - 2]).any() or (values >= _POW10[lengths - 1]).any():
+        return None
+    return values
 
 
 @dataclass
