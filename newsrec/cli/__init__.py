@@ -45,6 +45,10 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+model_option = click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+                            help="MODEL_DIR written by `newsrec train`.")
+
+
 def _register() -> None:
     from newsrec.cli import commands  # noqa: F401  (imports attach commands to `main`)
 

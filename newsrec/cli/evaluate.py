@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import click
 
-from newsrec.cli import main
+from newsrec.cli import main, model_option as _MODEL
 
 _DEVICE = click.option("--device", default=None, type=click.Choice(["cpu", "cuda", "auto"]),
                        help="Where to run the model (default: the model's train.device).")
-_MODEL = click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
-                      help="MODEL_DIR written by `newsrec train`.")
 _DATA = click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
                      help="Dataset artifact folder written by `newsrec ingest`.")
 _RERANKER = click.option("--reranker", "reranker_dir", default=None, type=click.Path(file_okay=False),

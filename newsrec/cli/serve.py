@@ -5,12 +5,10 @@ from pathlib import Path
 
 import click
 
-from newsrec.cli import config_options, main
+from newsrec.cli import config_options, main, model_option as _MODEL
 from newsrec.config import load_config
 from newsrec.errors import ConfigError
 
-_MODEL = click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
-                      help="MODEL_DIR written by `newsrec train`.")
 _INDEX = click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False),
                       help="INDEX_DIR written by `newsrec index`.")
 _RERANKER = click.option("--reranker", "reranker_dir", default=None, type=click.Path(file_okay=False),
