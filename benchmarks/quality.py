@@ -86,7 +86,7 @@ def main() -> None:
     if checks["fastformer_minus_mhsa"] is not None:
         print(f"Fastformer − MHSA AUC       {checks['fastformer_minus_mhsa']:+.4f} (target ≥ −0.005)")
     print(f"oracle − Fastformer AUC     {checks['oracle_minus_fastformer']:+.4f}")
-    write_results("quality", {"rows": rows, "checks": checks, "config": str(args.config),
+    write_results("quality", {"rows": rows, "checks": checks, "config": args.config.name,
                               "overrides": args.overrides})
     use_agg_backend()
     import matplotlib.pyplot as plt

@@ -71,7 +71,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    payload: dict[str, Any] = {"data": str(args.data), "model": str(args.model)}
+    payload: dict[str, Any] = {"data": args.data.name, "model": args.model.name}
     reranker_dir = args.reranker
     if reranker_dir is None:
         config = load_config(args.config, args.override)
@@ -80,7 +80,7 @@ def main() -> None:
         payload["train_seconds"] = round(time.perf_counter() - started, 1)
         payload["train_samples"] = fit.train_samples
         reranker_dir = args.train_out
-    payload["reranker"] = str(reranker_dir)
+    payload["reranker"] = Path(reranker_dir).name
 
     dataset = open_dataset(args.data)
     retriever = load_model(args.model)
