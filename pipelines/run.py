@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,10 @@ MIND_SPLIT_FILES = {
     "mind-small": {"train": "MINDsmall_train.zip", "dev": "MINDsmall_dev.zip"},
     "mind-large": {"train": "MINDlarge_train.zip", "dev": "MINDlarge_dev.zip", "test": "MINDlarge_test.zip"},
 }
+
+
+FIRST_STAGE, TWO_STAGE, BASELINE = "Fastformer", "Fastformer + re-ranker", "MHSA (NRMS)"
+MODEL_NAMES = (FIRST_STAGE, TWO_STAGE, BASELINE)  # rows of the comparison table, as displayed
 
 
 @dataclass
@@ -104,14 +109,14 @@ def _run_stages(config: Config, root: Path, runner: StageRunner, echo: Callable[
     runner.run("train", output=model_dir, inputs=[data_dir], settings=train_settings, tracked=False,
                fn=lambda: _fit_info(fit(config, data_dir=data_dir, out_dir=model_dir)))
     paths["model"] = model_dir
-    models = {"Fastformer": model_dir}
+    models = {FIRST_STAGE: model_dir}
     if pcfg.baselines:
         mhsa_config = dataclasses.replace(config, model=dataclasses.replace(config.model, encoder="mhsa"))
         mhsa_dir = root / "models" / "mhsa"
         runner.run("train_mhsa", output=mhsa_dir, inputs=[data_dir], tracked=False,
                    settings=_settings(mhsa_config, "data", "model", "train"),
                    fn=lambda: _fit_info(fit(mhsa_config, data_dir=data_dir, out_dir=mhsa_dir)))
-        models["MHSA (NRMS)"] = mhsa_dir
+        models[BASELINE] = mhsa_dir
 
     reranker_dir = None
     if pcfg.rerank:
@@ -126,7 +131,7 @@ def _run_stages(config: Config, root: Path, runner: StageRunner, echo: Callable[
     metrics_dir = root / "metrics"
     evals = [(name, d, None) for name, d in models.items()]
     if reranker_dir is not None:
-        evals.insert(1, ("Fastformer + re-ranker", model_dir, reranker_dir))
+        evals.insert(1, (TWO_STAGE, model_dir, reranker_dir))
     for name, mdir, rdir in evals:
         out = metrics_dir / f"{_slug(name)}.json"
         inputs = [data_dir, mdir] + ([rdir] if rdir else [])
@@ -199,7 +204,8 @@ def _dataset_splits(data_dir: Path) -> list[str]:
 
 
 def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
+    """File-name form of a model's display name: "Fastformer + re-ranker" → "fastformer_re_ranker"."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def _info(result: Any) -> dict[str, Any]:
@@ -248,8 +254,7 @@ def _comparison_table(config: Config, paths: dict[str, Path]) -> dict[str, dict[
     table: dict[str, dict[str, Any]] = {}
     for path in sorted(p for p in paths["metrics"].glob("*.json") if not p.name.startswith(".")):
         m = read_json(path)
-        name = {"fastformer": "Fastformer", "fastformer_re_ranker": "Fastformer + re-ranker",
-                "mhsa_nrms": "MHSA (NRMS)"}.get(path.stem, path.stem)
+        name = {_slug(n): n for n in MODEL_NAMES}.get(path.stem, path.stem)
         table[name] = {k: m[k] for k in keys}
     dataset = DatasetArtifact(paths["dataset"])
     dev = dataset.impressions("dev")
@@ -262,7 +267,7 @@ def _comparison_table(config: Config, paths: dict[str, Path]) -> dict[str, dict[
         o = read_json(oracle)
         o = o.get("dev", o)
         table["Oracle (true probabilities)"] = {k: o.get(k) for k in keys}
-    order = ["Fastformer + re-ranker", "Fastformer", "MHSA (NRMS)", "Popularity (train CTR)",
+    order = [TWO_STAGE, FIRST_STAGE, BASELINE, "Popularity (train CTR)",
              "Oracle (true probabilities)"]
     return {k: table[k] for k in order if k in table} | {k: v for k, v in table.items() if k not in order}
 
@@ -288,7 +293,7 @@ def report(result: PipelineResult, config: Config | None = None) -> str:
     skipped = [s.name for s in result.stages if s.skipped]
     lines = [
         "",
-        f"Dev metrics ({result.table.get('Fastformer', {}).get('impressions', '?')} impressions):",
+        f"Dev metrics ({result.table.get(FIRST_STAGE, {}).get('impressions', '?')} impressions):",
         result.table_text(),
         "",
         f"submission : {result.paths.get('submission')}",

@@ -138,3 +138,15 @@ def test_tracking_uri_precedence(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert tracking.resolve_tracking_uri(TrackingConfig()) == "http://127.0.0.1:5999"
     assert tracking.resolve_tracking_uri(TrackingConfig(tracking_uri="sqlite:///x.db")) == "sqlite:///x.db"
+
+
+def test_metric_keys_are_valid_mlflow_names():
+    from mlflow.utils.validation import _validate_metric_name
+
+    from newsrec.train.tracking import metric_key
+
+    cases = {"ndcg@10": "ndcg_at_10", "MHSA (NRMS)_auc": "MHSA_NRMS_auc",
+             "Fastformer + re-ranker_ndcg@5": "Fastformer_re-ranker_ndcg_at_5", "dev_auc": "dev_auc"}
+    for name, expected in cases.items():
+        assert metric_key(name) == expected
+        _validate_metric_name(metric_key(name))  # raises on a name MLflow refuses

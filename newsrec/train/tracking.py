@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -129,7 +130,10 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
 
 
 def metric_key(name: str) -> str:
-    return name.replace("@", "_at_")
+    """An MLflow-safe metric name: ``ndcg@5`` → ``ndcg_at_5``, ``MHSA (NRMS)_auc`` → ``MHSA_NRMS_auc``
+    (MLflow allows only alphanumerics and ``_ - . : /`` and spaces)."""
+    safe = re.sub(r"[^A-Za-z0-9_\-.:/]+", "_", name.replace("@", "_at_"))
+    return re.sub(r"_+", "_", safe).strip("_") or "metric"
 
 
 def set_tags(tags: dict[str, Any]) -> None:

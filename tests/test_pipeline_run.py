@@ -1,0 +1,60 @@
+"""The whole pipeline end to end on a tiny generated world, with MLflow tracking on: every stage
+runs, the comparison table holds every model, the submission is valid, the parent run has a nested
+run per stage, and a second run skips every stage."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from newsrec.config import config_from_dict
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _config(tmp_path):
+    return config_from_dict({
+        "data": {"title_len": 12, "history_len": 20},
+        "model": {"embedding_dim": 32, "hidden_size": 32, "num_heads": 4, "pooling_hidden": 16},
+        "train": {"epochs": 1, "batch_size": 32, "eval_batch_size": 256},
+        "rerank": {"hidden_size": 16, "num_heads": 2, "epochs": 1, "hard_negative_pool": 20},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "pipeline-test"},
+        "pipeline": {"name": "tiny", "root": str(tmp_path / "runs"), "source": "synth", "synth_size": "tiny",
+                     "top_k": 10},
+    })
+
+
+def test_pipeline_runs_every_stage_then_skips_them(tmp_path):
+    import mlflow
+
+    from newsrec.data.artifact import open_dataset
+    from newsrec.eval.submission import check_submission
+    from pipelines.run import run
+
+    config = _config(tmp_path)
+    lines: list[str] = []
+    first = run(config, echo=lines.append)
+    names = [s.name for s in first.stages]
+    assert {"synth", "ingest", "train", "train_mhsa", "rerank", "index", "score", "submit"} <= set(names)
+    assert not any(s.skipped for s in first.stages)
+    table = first.table
+    assert {"Fastformer", "Fastformer + re-ranker", "MHSA (NRMS)", "Popularity (train CTR)",
+            "Oracle (true probabilities)"} <= set(table)
+    for row in table.values():
+        assert 0.0 <= row["auc"] <= 1.0
+    test = open_dataset(first.paths["dataset"]).impressions("test")
+    assert check_submission(first.paths["submission"], test).impressions == len(test)
+    summary = json.loads((first.root / "summary.json").read_text())
+    parent = summary["mlflow_parent_run"]
+    client = mlflow.tracking.MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    parent_run = client.get_run(parent)
+    assert "MHSA_NRMS_auc" in parent_run.data.metrics
+    experiment = client.get_experiment_by_name("pipeline-test")
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    names_run = {r.info.run_name for r in children}
+    assert {"rerank", "index", "score", "submit"} <= names_run and len(names_run) >= 8, names_run
+
+    second = run(config, echo=lines.append)
+    assert all(s.skipped for s in second.stages), [(s.name, s.skipped) for s in second.stages]
+    assert second.table["Fastformer"]["auc"] == pytest.approx(table["Fastformer"]["auc"])
