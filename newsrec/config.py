@@ -92,8 +92,8 @@ class TrainConfig:
     eval_batch_size: int = 1024
     dev_max_impressions: int = 0  # 0 = whole dev split for per-epoch evaluation
     bucket_size: int = 64  # pad the unique-news count of a batch up to a multiple of this
-    num_threads: int = 0  # torch intra-op threads (0 = the cores left after the batch-building
-    #                       threads; on a small CPU oversubscription makes steps several times slower)
+    num_threads: int = 0  # torch intra-op threads (0 = every core of this process's share of the
+    #                       machine; the batch-building threads are light)
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size", "npratio", "log_every_steps", "eval_batch_size",

@@ -147,12 +147,14 @@ def _check_resume_config(saved_yaml: str, config: Config, path: Path) -> None:
 
 
 def training_threads(train_cfg: Any) -> int:
-    """Intra-op threads for training: ``train.num_threads``, or every core not busy building batches."""
+    """Intra-op threads for training: ``train.num_threads``, or every core this process may use
+    (the cores divided among the processes of a torchrun on this machine). Batch-building threads
+    mostly wait, so they get no core of their own."""
     if train_cfg.num_threads:
         return int(train_cfg.num_threads)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # processes sharing this machine
-    return max(1, cores - train_cfg.num_workers)
+    return max(1, cores)
 
 
 def fit(config: Config, *, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
