@@ -186,12 +186,13 @@ class ServeConfig:
     max_title_chars: int = 1000  # longest title POST /news accepts
     ignore_unknown_history: bool = False  # true: drop unknown history ids instead of answering 422
     latency_window: int = 10_000  # recent requests kept for the latency percentiles
+    torch_threads: int = 1  # intra-op threads of one request: concurrent requests share the cores
     host: str = "127.0.0.1"
     port: int = 8000
 
     def __post_init__(self) -> None:
         _positive(self, "retrieve_k", "default_k", "max_k", "max_history", "max_body_bytes",
-                  "max_title_chars", "latency_window", "port")
+                  "max_title_chars", "latency_window", "torch_threads", "port")
         if self.default_k > self.max_k:
             raise ConfigError(f"serve.default_k={self.default_k} must be <= serve.max_k={self.max_k}")
 

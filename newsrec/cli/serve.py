@@ -102,6 +102,7 @@ def serve_command(model_dir: str, index_dir: str, reranker_dir: str | None, data
                   host: str | None, port: int | None, config_path: str | None,
                   overrides: tuple[str, ...]) -> None:
     """Serve recommendations over HTTP (FastAPI + uvicorn); the API is at /docs."""
+    import torch
     import uvicorn
 
     from newsrec.serve.app import create_app
@@ -112,6 +113,7 @@ def serve_command(model_dir: str, index_dir: str, reranker_dir: str | None, data
     port = config.serve.port if port is None else port
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port}: expected 1..65535")
+    torch.set_num_threads(config.serve.torch_threads)
     service = Recommender.load(model_dir, index_dir, reranker_dir=reranker_dir, data_dir=data_dir,
                                serve_cfg=config.serve, index_cfg=_search_settings(config, config_path, overrides))
     app = create_app(service, config.serve)
