@@ -34,7 +34,7 @@ from typing import Any, AsyncIterator
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -197,6 +197,37 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, tracking_send)
 
 
+class RequestCounter:
+    """Counts every request by route, status and latency into ``metrics`` (plain ASGI: no task
+    group or body streams per request). Paths that match no route count as "unmatched"."""
+
+    def __init__(self, app: Any, *, metrics: "ServiceMetrics", known_paths: set[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.known_paths = known_paths
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def status_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, status_send)
+        finally:
+            route = scope.get("route")  # set by the router once a route matched
+            path = getattr(route, "path", None) or (
+                scope["path"] if scope["path"] in self.known_paths else "unmatched")
+            self.metrics.record(f"{scope['method']} {path}", status, time.perf_counter() - started)
+
+
 async def _send_json(send: Any, status: int, detail: str) -> None:
     body = JSONResponse({"detail": detail}).body
     await send({"type": "http.response.start", "status": status,
@@ -251,19 +282,7 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
     # inner to the counters below, so refused bodies (413) are counted too
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Any:
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", None) or (
-                request.url.path if request.url.path in known_paths else "unmatched")
-            metrics.record(f"{request.method} {path}", status, time.perf_counter() - started)
+    app.add_middleware(RequestCounter, metrics=metrics, known_paths=known_paths)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -295,11 +314,13 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
             return _error(404, exc)
         except (UnknownNewsError, NewsrecError) as exc:
             return _error(422, exc)
-        return RecommendResponse(
+        answer = RecommendResponse(
             items=[ItemOut(**vars(item)) for item in rec.items],
             history=[NewsOut(**vars(news)) for news in rec.history], history_used=rec.history_used,
             ignored_ids=rec.ignored_ids, reranked=rec.reranked,
             took_ms=round(1e3 * (time.perf_counter() - started), 3))
+        # built and checked once above; a Response is sent as is (not validated a second time)
+        return Response(content=answer.model_dump_json(), media_type="application/json")
 
     @app.post("/news", response_model=NewsResponse, status_code=201, responses={409: {}, 413: {}, 422: {}})
     def add_news(body: NewsRequest) -> Any:  # type: ignore[valid-type]
