@@ -12,7 +12,7 @@ import polars as pl
 
 from newsrec.data import schema
 from newsrec.errors import ArtifactError
-from newsrec.utils.io import read_json
+from newsrec.utils.io import read_json, read_manifest
 
 
 @dataclass(frozen=True)
@@ -97,18 +97,10 @@ class DatasetArtifact:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        manifest_path = self.root / schema.MANIFEST
-        if not manifest_path.is_file():
-            raise ArtifactError(f"{self.root}: not a dataset artifact (no {schema.MANIFEST}); "
-                                f"create one with `newsrec ingest`")
-        self.manifest: dict[str, Any] = read_json(manifest_path)
-        version = self.manifest.get("schema_version")
-        if version != schema.SCHEMA_VERSION:
-            raise ArtifactError(f"{manifest_path}: schema version {version}, this newsrec reads "
-                                f"{schema.SCHEMA_VERSION}; re-run `newsrec ingest`")
-        for name in (schema.NEWS, schema.TITLE_TOKENS, schema.VOCAB, schema.CATEGORIES):
-            if not (self.root / name).is_file():
-                raise ArtifactError(f"{self.root}: incomplete artifact, {name} is missing")
+        _, self.manifest = read_manifest(
+            self.root, schema.MANIFEST, version=schema.SCHEMA_VERSION, what="dataset artifact",
+            remedy="create one with `newsrec ingest`",
+            required=(schema.NEWS, schema.TITLE_TOKENS, schema.VOCAB, schema.CATEGORIES))
 
     # ---- small parts
     @property

@@ -24,7 +24,7 @@ from newsrec.config import Config
 from newsrec.data import mind, schema
 from newsrec.data.tokenize import build_vocabulary, encode_tokens, tokenize
 from newsrec.errors import DataError
-from newsrec.utils.io import atomic_dir, atomic_path, sha256_file, write_json
+from newsrec.utils.io import atomic_dir, sha256_file, write_json
 from newsrec.utils.progress import progress
 
 MISSING_NEWS_EXAMPLES = 5
@@ -305,7 +305,7 @@ def _news_statistics(news: pl.DataFrame, news_by_split: pl.DataFrame, flat: dict
     """Fill the NEWS_SCHEMA columns computed from behaviors: train counts and first_seen.
 
     Reductions over the flat news_idx arrays into arrays indexed by news_idx [n_news + 1]: counts
-    with ``np.add.at`` (clicks count the candidates labelled 1), first_seen as the ``np.minimum.at``
+    with ``np.bincount`` (clicks count the candidates labelled 1), first_seen as the ``np.minimum.at``
     of the impression times of every split, repeated per candidate.
     """
     size = len(news) + 1
@@ -314,10 +314,10 @@ def _news_statistics(news: pl.DataFrame, news_by_split: pl.DataFrame, flat: dict
     history_clicks = np.zeros(size, dtype=np.int64)
     if "train" in flat:
         train = flat["train"]
-        np.add.at(impressions, train.candidates, 1)
+        impressions = np.bincount(train.candidates, minlength=size)
         if train.labels is not None:
-            np.add.at(clicks, train.candidates[train.labels == 1], 1)
-        np.add.at(history_clicks, train.history, 1)
+            clicks = np.bincount(train.candidates[train.labels == 1], minlength=size)
+        history_clicks = np.bincount(train.history, minlength=size)
     first = np.full(size, _NEVER, dtype=np.int64)
     for split in flat.values():
         np.minimum.at(first, split.candidates, np.repeat(split.time, split.candidate_counts))

@@ -28,8 +28,6 @@ import numpy as np
 from newsrec.data.artifact import DatasetArtifact, Impressions
 from newsrec.errors import ConfigError
 
-_SECOND = np.timedelta64(1, "s")
-
 
 def shrunk_ctr(clicks: np.ndarray, impressions: np.ndarray, *, prior: float,
                mean_ctr: float) -> np.ndarray:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from newsrec.data.artifact import DatasetArtifact, Impressions
 from newsrec.errors import ArtifactError, NewsrecError
 from newsrec.eval import metrics as M
+from newsrec.train.distributed import resolve_device
 from newsrec.utils.progress import progress
 
 HISTORY_BUCKETS = ((0, 0), (1, 9), (10, 49), (50, 199), (200, None))  # inclusive bounds of clicks
@@ -224,15 +225,6 @@ class InferenceInputs:
     @property
     def mlflow_run_id(self) -> str | None:
         return (self.manifest.get("extra") or {}).get("mlflow_run_id") or None
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu`` | ``cuda`` | ``auto`` → a torch device (NewsrecError when CUDA is asked for but absent)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NewsrecError(f"device '{name}' requested but CUDA is not available; use -o train.device=cpu")
-    return torch.device(name)
 
 
 def load_for_inference(model_dir: str | Path, data_dir: str | Path, *, device: str | None = None

@@ -27,7 +27,7 @@ from newsrec.data import schema
 from newsrec.data.artifact import DatasetArtifact
 from newsrec.errors import ArtifactError, ConfigError
 from newsrec.models.recommender import NewsRecommender
-from newsrec.utils.io import atomic_file, atomic_path, read_json, sha256_file, write_json
+from newsrec.utils.io import atomic_file, atomic_path, read_manifest, sha256_file, write_json
 
 MODEL_SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -102,21 +102,9 @@ def load_model(model_dir: str | Path, *, map_location: str | torch.device = "cpu
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ArtifactError(f"{model_dir}: model folder not found; train one with `newsrec train`")
-    for name in (MANIFEST_FILE, CONFIG_FILE, WEIGHTS_FILE):
-        if not (model_dir / name).is_file():
-            raise ArtifactError(f"{model_dir}: not a complete model folder ({name} is missing); "
-                                f"re-run `newsrec train` or point at another folder")
-    manifest_path = model_dir / MANIFEST_FILE
-    try:
-        manifest = read_json(manifest_path)
-    except ValueError as exc:
-        raise ArtifactError(f"{manifest_path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{manifest_path}: expected a JSON object")
-    version = manifest.get("schema_version")
-    if version != MODEL_SCHEMA_VERSION:
-        raise ArtifactError(f"{manifest_path}: model schema version {version!r}, this newsrec reads "
-                            f"{MODEL_SCHEMA_VERSION}; retrain the model with this version")
+    manifest_path, manifest = read_manifest(
+        model_dir, MANIFEST_FILE, version=MODEL_SCHEMA_VERSION, what="model folder",
+        remedy="re-run `newsrec train` or point at another folder", required=(CONFIG_FILE, WEIGHTS_FILE))
     missing = [k for k in ("vocab_size", "n_categories", "n_subcategories", "weights_sha256") if k not in manifest]
     if missing:
         raise ArtifactError(f"{manifest_path}: missing field(s) {', '.join(missing)}")

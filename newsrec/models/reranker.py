@@ -46,11 +46,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from newsrec.config import Config, RerankConfig, config_from_yaml_text
-from newsrec.data.popularity import shrunk_ctr
+from newsrec.data.popularity import datetime64_to_seconds, shrunk_ctr
 from newsrec.errors import ArtifactError, NewsrecError
-from newsrec.models.attention import AdditivePooling
 from newsrec.models.fastformer import LayerStack
-from newsrec.utils.io import atomic_dir, read_json, sha256_file, write_json
+from newsrec.utils.io import atomic_dir, read_manifest, sha256_file, write_json
 
 RERANKER_SCHEMA_VERSION = 2
 CONFIG_FILE = "config.yaml"
@@ -494,7 +493,7 @@ class LoadedReranker:
         self._check_idx(impressions.candidates, "candidate")
         self._check_idx(impressions.history, "history")
         out = np.zeros(len(impressions.candidates), dtype=np.float32)
-        now_all = impressions.time.astype("datetime64[us]").astype(np.int64) / 1e6
+        now_all = datetime64_to_seconds(impressions.time)
         exposure = self.exposure_counter(impressions if shown_in is None else shown_in)
         counts = impressions.candidate_counts
         bar = progress(total=len(impressions), desc="re-ranking", unit="imp", disable=not show_progress or None)
@@ -554,17 +553,12 @@ def load_reranker(reranker_dir: str | Path, *, retriever_dir: str | Path | None 
     """Open a re-ranker directory. With ``retriever_dir``, refuse it unless it is the exact
     first-stage model the re-ranker was trained on (same model.json sha256)."""
     root = Path(reranker_dir)
-    manifest_path = root / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{root}: not a re-ranker directory (no {MANIFEST_FILE}); train one with "
-                            f"`newsrec train --stage rerank --retriever MODEL_DIR`")
-    manifest = read_json(manifest_path)
-    if manifest.get("schema_version") != RERANKER_SCHEMA_VERSION or manifest.get("kind") != "newsrec-reranker":
-        raise ArtifactError(f"{manifest_path}: re-ranker schema version {manifest.get('schema_version')}, "
-                            f"this newsrec reads {RERANKER_SCHEMA_VERSION}; retrain the re-ranker")
-    for name in (CONFIG_FILE, WEIGHTS_FILE, TABLES_FILE):
-        if not (root / name).is_file():
-            raise ArtifactError(f"{root}: incomplete re-ranker directory, {name} is missing")
+    manifest_path, manifest = read_manifest(
+        root, MANIFEST_FILE, version=RERANKER_SCHEMA_VERSION, what="re-ranker directory",
+        remedy="train one with `newsrec train --stage rerank --retriever MODEL_DIR`",
+        required=(CONFIG_FILE, WEIGHTS_FILE, TABLES_FILE))
+    if manifest.get("kind") != "newsrec-reranker":
+        raise ArtifactError(f"{manifest_path}: not a re-ranker manifest (kind {manifest.get('kind')!r})")
     if retriever_dir is not None:
         check_retriever(manifest, retriever_dir, where=str(root))
     if list(manifest.get("features", [])) != list(FEATURE_NAMES):

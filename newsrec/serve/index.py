@@ -42,7 +42,7 @@ import numpy as np
 
 from newsrec.config import IndexConfig
 from newsrec.errors import ArtifactError, NewsrecError
-from newsrec.utils.io import atomic_dir, read_json, write_json
+from newsrec.utils.io import atomic_dir, read_json, read_manifest, write_json
 
 INDEX_SCHEMA_VERSION = 2
 INDEX_FILE = "index.faiss"
@@ -496,17 +496,10 @@ def _add_in_chunks(index: Any, vectors: np.ndarray, *, show_progress: bool, kind
 def load_index(index_dir: str | Path, *, device: str = "cpu") -> NewsIndex:
     """Open an INDEX_DIR written by :meth:`NewsIndex.save`; ArtifactError when it is not one."""
     index_dir = Path(index_dir)
-    manifest_path = index_dir / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{index_dir}: not an index folder (no {MANIFEST_FILE}); build one with "
-                            f"`newsrec index --model MODEL_DIR --data DIR --out {index_dir}`")
-    manifest = read_json(manifest_path)
-    if manifest.get("schema_version") != INDEX_SCHEMA_VERSION:
-        raise ArtifactError(f"{manifest_path}: index schema version {manifest.get('schema_version')}, "
-                            f"this newsrec reads {INDEX_SCHEMA_VERSION}; rebuild with `newsrec index`")
-    for name in (INDEX_FILE, IDS_FILE, VECTORS_FILE, FRESH_FILE):
-        if not (index_dir / name).is_file():
-            raise ArtifactError(f"{index_dir}: incomplete index, {name} is missing; rebuild with `newsrec index`")
+    manifest_path, manifest = read_manifest(
+        index_dir, MANIFEST_FILE, version=INDEX_SCHEMA_VERSION, what="index folder",
+        remedy=f"build one with `newsrec index --model MODEL_DIR --data DIR --out {index_dir}`",
+        required=(INDEX_FILE, IDS_FILE, VECTORS_FILE, FRESH_FILE))
     keys = np.load(index_dir / IDS_FILE, allow_pickle=False).astype(np.int64, copy=False)
     vectors = np.load(index_dir / VECTORS_FILE, allow_pickle=False)
     index = faiss.read_index(str(index_dir / INDEX_FILE))

@@ -35,20 +35,23 @@ class DistContext:
 
 
 def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
-    """``train.device`` → a torch device (``auto`` = cuda when available, else cpu)."""
+    """``train.device`` (``cpu`` | ``cuda`` | ``cuda:N`` | ``auto``) → a torch device: ``auto`` = cuda
+    when available, else cpu; plain ``cuda`` = this process's GPU (``local_rank``) under torchrun.
+    ConfigError when CUDA is asked for but absent."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but no CUDA device is available; use -o train.device=cpu")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+            raise ConfigError(f"device '{name}' requested but no CUDA device is available; "
+                              f"use -o train.device=cpu")
+        if name == "cuda":
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(name)
 
 
 def setup(device_name: str) -> DistContext:
     """Join the process group torchrun describes in the environment (if any) and pick the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank=local_rank)
     if world_size <= 1:

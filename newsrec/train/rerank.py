@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from newsrec.config import Config
 from newsrec.data import schema
 from newsrec.data.artifact import DatasetArtifact, Impressions, open_dataset
-from newsrec.data.popularity import (PrefixCounts, first_seen_seconds, news_counts_from_artifact,
-                                     unseen_in_train)
+from newsrec.data.popularity import (PrefixCounts, datetime64_to_seconds, first_seen_seconds,
+                                     news_counts_from_artifact, unseen_in_train)
 from newsrec.errors import ArtifactError, NewsrecError
 from newsrec.models.reranker import (LoadedReranker, NewsTables, Reranker, build_features,
                                      padded_candidates, padded_histories, save_reranker)
+from newsrec.train.distributed import resolve_device
 from newsrec.utils.io import sha256_file
 from newsrec.utils.progress import progress
 
@@ -55,14 +56,6 @@ class RerankFitResult:
 
 # ------------------------------------------------------------------------------------------------
 # first-stage helpers (the retriever is frozen)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise NewsrecError("train.device=cuda but no CUDA device is available (use -o train.device=cpu)")
-    return torch.device(name)
 
 
 @torch.inference_mode()
@@ -115,7 +108,7 @@ def retrieve_top(model: Any, user_vectors: torch.Tensor, news_vectors: torch.Ten
     """
     n_all = news_vectors.shape[0]
     k = min(k, n_all - 1)
-    now = impressions.time.astype("datetime64[us]").astype(np.int64) / 1e6
+    now = datetime64_to_seconds(impressions.time)
     top_idx = np.zeros((len(impressions), k), dtype=np.int64)
     top_scores = np.full((len(impressions), k), -np.inf, dtype=np.float32)
     for start in progress(range(0, len(impressions), batch_size), desc=desc, unit="batch"):
@@ -136,15 +129,17 @@ def retrieve_top(model: Any, user_vectors: torch.Tensor, news_vectors: torch.Ten
     return top_idx, top_scores
 
 
-def news_tables(dataset: DatasetArtifact, news_vectors: np.ndarray) -> tuple[NewsTables, float]:
+def news_tables(dataset: DatasetArtifact, news_vectors: np.ndarray,
+                opened: dict[str, Impressions]) -> tuple[NewsTables, float]:
     """Serving-time tables (click counts over all of train, showings over every split) and the train
-    mean click-through."""
+    mean click-through. ``opened``: splits the caller already holds (the others are read here)."""
     counts = news_counts_from_artifact(dataset)
     seen, known = first_seen_seconds(dataset)
     cat, sub = dataset.news_categories
     displays = np.zeros(dataset.n_news + 1, dtype=np.int64)
     for split in dataset.splits:
-        displays += np.bincount(dataset.impressions(split).candidates, minlength=dataset.n_news + 1)[:len(displays)]
+        shown = (opened[split] if split in opened else dataset.impressions(split)).candidates
+        displays += np.bincount(shown, minlength=dataset.n_news + 1)[:len(displays)]
     tables = NewsTables(vectors=np.ascontiguousarray(news_vectors, dtype=np.float32), clicks=counts.clicks,
                         impressions=counts.impressions, displays=displays, first_seen=seen,
                         first_seen_known=known,
@@ -373,9 +368,10 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
 
         news_vectors = encode_all_news(retriever.model, dataset, batch_size=batch_eval, device=device)
         news_vectors = news_vectors.detach().float().cpu()
-        tables, mean_ctr = news_tables(dataset, news_vectors.numpy())
-
         all_train = dataset.impressions("train")
+        dev = dataset.impressions("dev") if "dev" in dataset.splits else None
+        opened = {"train": all_train} | ({"dev": dev} if dev is not None else {})
+        tables, mean_ctr = news_tables(dataset, news_vectors.numpy(), opened)
         if all_train.labels is None:
             raise ArtifactError(f"{dataset.root}: the train split has no labels")
         prefix = PrefixCounts(all_train)
@@ -398,7 +394,7 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
             hard_scores = np.zeros((len(train), 1), dtype=np.float32)
         samples = np.flatnonzero(train.labels > 0)
         sample_row = np.searchsorted(train.candidate_offsets, samples, side="right") - 1
-        now = train.time.astype("datetime64[us]").astype(np.int64) / 1e6
+        now = datetime64_to_seconds(train.time)
         data = _TrainData(train, now, retrieval, pre_clicks, pre_shown, hard_idx, hard_scores, prefix,
                           samples, sample_row)
         batch_kw = dict(npratio=rcfg.npratio, hard_negatives=rcfg.hard_negatives, history_len=history_len,
@@ -442,18 +438,16 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
             "n_news": dataset.n_news, "mean_ctr": mean_ctr, "popularity_prior": rcfg.popularity_prior,
             "reference_time": reference_time})
         metrics: dict[str, dict[str, Any]] = {}
-        if "dev" in dataset.splits:
-            dev = dataset.impressions("dev")
-            if dev.labels is not None:
-                dev_users = encode_users(retriever.model.cpu(), news_vectors, dev, history_len=first_history_len,
-                                         batch_size=batch_eval, device=torch.device("cpu"))
-                first = first_stage_candidate_scores(retriever.model, dev_users, news_vectors, dev,
-                                                     batch_size=batch_eval)
-                two = loaded.score_impressions(dev, retrieval_scores=first, batch_size=rcfg.eval_batch_size)
-                cold = unseen_in_train(dataset)[dev.candidates]
-                metrics = compare_on_impressions(dev.labels, dev.candidate_offsets, first, two, cold)
-                for name, values in metrics.items():
-                    tracking.log_metrics({f"dev_{name}_{k}": v for k, v in values.items()})
+        if dev is not None and dev.labels is not None:
+            dev_users = encode_users(retriever.model.cpu(), news_vectors, dev, history_len=first_history_len,
+                                     batch_size=batch_eval, device=torch.device("cpu"))
+            first = first_stage_candidate_scores(retriever.model, dev_users, news_vectors, dev,
+                                                 batch_size=batch_eval)
+            two = loaded.score_impressions(dev, retrieval_scores=first, batch_size=rcfg.eval_batch_size)
+            cold = unseen_in_train(dataset)[dev.candidates]
+            metrics = compare_on_impressions(dev.labels, dev.candidate_offsets, first, two, cold)
+            for name, values in metrics.items():
+                tracking.log_metrics({f"dev_{name}_{k}": v for k, v in values.items()})
         save_reranker(out_dir, model, config, retriever_dir=retriever_dir, dataset_root=dataset.root,
                       dataset_manifest_sha256=dataset_sha, tables=tables, mean_ctr=mean_ctr,
                       reference_time=reference_time,

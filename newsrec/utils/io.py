@@ -102,6 +102,36 @@ def read_json(path: str | Path) -> Any:
         return json.load(fh)
 
 
+def read_manifest(root: str | Path, manifest: str, *, version: int, what: str, remedy: str,
+                  required: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
+    """Open the manifest of an artifact folder and check it: present, a JSON object, of schema
+    ``version``, with every file of ``required`` beside it. ``what`` names the kind of folder
+    ("dataset artifact", "index folder", ...), ``remedy`` the command that makes a good one.
+
+    Returns (manifest path, manifest); raises ArtifactError naming the file otherwise.
+    """
+    from newsrec.errors import ArtifactError
+
+    root = Path(root)
+    path = root / manifest
+    if not path.is_file():
+        article = "an" if what[:1] in "aeiou" else "a"
+        raise ArtifactError(f"{root}: not {article} {what} (no {manifest}); {remedy}")
+    try:
+        data = read_json(path)
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    found = data.get("schema_version")
+    if found != version:
+        raise ArtifactError(f"{path}: {what} schema version {found!r}, this newsrec reads {version}; {remedy}")
+    for name in required:
+        if not (root / name).is_file():
+            raise ArtifactError(f"{root}: incomplete {what}, {name} is missing; {remedy}")
+    return path, data
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
