@@ -108,7 +108,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     vectors, topic = clustered_news_vectors(args.n, args.dim, n_topics=max(50, args.n // 2000), seed=0)
     queries = user_queries(vectors, topic, args.queries, seed=0)
-    cfg = IndexConfig(build_threads=args.threads)  # searches: index.search_threads (1) per query
+    cfg = IndexConfig(build_threads=args.threads, search_threads=1)  # one faiss thread per query
     norms = np.linalg.norm(vectors, axis=1)
     norm_summary = {f"p{p}": round(float(np.percentile(norms, p)), 3) for p in (1, 50, 99)}
     norm_summary["max"] = round(float(norms.max()), 3)

@@ -121,11 +121,11 @@ def _client_process(port: int, users: list[str], seconds: float, concurrency: in
                     if r.status_code == 200:
                         stages.append(float(r.json()["took_ms"]))
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(client, range(concurrency)))
     return {"latencies": latencies, "statuses": statuses, "stages": stages,
-            "wall": time.perf_counter() - started}
+            "wall": time.perf_counter() - started, "cpu_s": time.process_time() - cpu}
 
 
 def run_load(service, *, seconds: float, concurrency: int, k: int, max_requests: int) -> dict:
@@ -148,7 +148,9 @@ def run_load(service, *, seconds: float, concurrency: int, k: int, max_requests:
     users = list(service._user_rows())[:500]
     load_before = os.getloadavg()[0]
     with multiprocessing.get_context("spawn").Pool(1) as pool:
+        server_cpu = time.process_time()  # this process: the server (its threads) from here on
         out = pool.apply(_client_process, (port, users, seconds, concurrency, k, max_requests))
+        server_cpu = time.process_time() - server_cpu
     server.should_exit = True
     thread.join(timeout=10)
     lat = np.asarray(out["latencies"]) * 1e3
@@ -159,6 +161,8 @@ def run_load(service, *, seconds: float, concurrency: int, k: int, max_requests:
     return {"requests": len(st), "qps": len(st) / out["wall"], "p50_ms": float(np.percentile(lat, 50)),
             "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
             "errors_5xx": int((st >= 500).sum()), "non_200": int((st != 200).sum()), **stage_ms,
+            "server_cpu_ms": round(1e3 * server_cpu / max(len(st), 1), 2),
+            "client_cpu_ms": round(1e3 * out["cpu_s"] / max(len(st), 1), 2),
             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 

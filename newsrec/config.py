@@ -159,7 +159,8 @@ class IndexConfig:
     ivf_train_size: int = 100_000  # vectors sampled to train the coarse quantiser (and PQ)
     pq_m: int = 32  # sub-quantisers of IVF-PQ (the extended vector is zero-padded to a multiple)
     pq_k_factor: int = 8  # IVF-PQ proposes k * pq_k_factor rows, re-scored exactly, to return k
-    search_threads: int = 1  # faiss threads per online search (< 16 queries; batches use every core)
+    search_threads: int = 0  # faiss threads of an online search (< 16 queries); 0 = every core
+    # (the service searches one batch at a time; with serve.batch_max=1, searches run side by side: use 1)
     build_threads: int = 0  # faiss threads while building; 0 = every core
     encode_batch_size: int = 1024  # news titles per encoder call when building
     seed: int = 42
@@ -169,9 +170,8 @@ class IndexConfig:
         _choice(self, "ann_kind", ("hnsw", "ivf", "ivfpq"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _positive(self, "flat_max", "hnsw_m", "hnsw_ef_search", "hnsw_ef_construction",
-                  "ivf_nprobe", "ivf_train_size", "pq_m", "pq_k_factor", "search_threads",
-                  "encode_batch_size")
-        _non_negative(self, "ivf_nlist", "build_threads")
+                  "ivf_nprobe", "ivf_train_size", "pq_m", "pq_k_factor", "encode_batch_size")
+        _non_negative(self, "ivf_nlist", "build_threads", "search_threads")
 
 
 @dataclass
@@ -186,13 +186,14 @@ class ServeConfig:
     max_title_chars: int = 1000  # longest title POST /news accepts
     ignore_unknown_history: bool = False  # true: drop unknown history ids instead of answering 422
     latency_window: int = 10_000  # recent requests kept for the latency percentiles
-    torch_threads: int = 1  # intra-op threads of one request: concurrent requests share the cores
+    torch_threads: int = 1  # intra-op threads of the model calls: concurrent requests share the cores
+    batch_max: int = 8  # most concurrent requests run as one batched model call; 1 = each on its own
     host: str = "127.0.0.1"
     port: int = 8000
 
     def __post_init__(self) -> None:
         _positive(self, "retrieve_k", "default_k", "max_k", "max_history", "max_body_bytes",
-                  "max_title_chars", "latency_window", "torch_threads", "port")
+                  "max_title_chars", "latency_window", "torch_threads", "batch_max", "port")
         if self.default_k > self.max_k:
             raise ConfigError(f"serve.default_k={self.default_k} must be <= serve.max_k={self.max_k}")
 

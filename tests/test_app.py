@@ -128,19 +128,20 @@ def test_add_news_then_recommendable(client, app_service, known):
 
 
 def test_unexpected_failure_is_500_and_service_recovers(client, app_service, known, monkeypatch):
-    original = app_service.recommend
+    original = app_service.index.search
     calls = {"n": 0}
 
-    def flaky(**kwargs):
+    def flaky(*args, **kwargs):  # fails inside the model work, on the batching worker
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom")
-        return original(**kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(app_service, "recommend", flaky)
+    monkeypatch.setattr(app_service.index, "search", flaky)
     r = client.post("/recommend", json={"user_id": known["user"]})
     assert r.status_code == 500 and "RuntimeError" in detail(r)
     assert client.post("/recommend", json={"user_id": known["user"]}).status_code == 200
+    assert calls["n"] == 2
 
 
 def test_metrics_count_requests_and_latency(client, known):

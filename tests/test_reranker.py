@@ -364,6 +364,25 @@ def test_save_load_round_trip_and_batched_equals_single(trained):
     np.testing.assert_allclose(single, scores[lo:hi], rtol=1e-4, atol=1e-5)
 
 
+def test_rerank_many_equals_one_user_at_a_time(trained):
+    root, _ = trained
+    loaded = load_reranker(root / "reranker")
+    dev = open_dataset(root / "data").impressions("dev")
+    rng = np.random.default_rng(0)
+    rows = [0, 3, 8, 11]
+    histories = [dev.history_of(i) for i in rows] + [np.zeros(0, dtype=np.int64)]  # one without clicks
+    candidates = [dev.candidates_of(i) for i in rows] + [np.array([1, 2, 3])]
+    firsts = [rng.normal(size=len(c)) for c in candidates]
+    nows = [dt.datetime(2019, 11, 15, 8), None, dt.datetime(2019, 11, 14, 20), None, None]
+    assert len({len(c) for c in candidates}) > 1  # candidate padding is exercised
+    together = loaded.rerank_many(histories, candidates, firsts, nows)
+    for h, c, f, now, got in zip(histories, candidates, firsts, nows, together):
+        assert got.shape == (len(c),)
+        np.testing.assert_allclose(got, loaded.rerank(h, c, f, now=now), rtol=1e-5, atol=1e-6)
+    with pytest.raises(NewsrecError, match="retrieval scores"):
+        loaded.rerank_many(histories[:1], candidates[:1], [firsts[0][:-1]])
+
+
 def test_mismatched_retriever_is_refused(trained, tmp_path):
     from newsrec.models.io import build_model, save_model
 

@@ -438,22 +438,47 @@ class LoadedReranker:
         exposure int [C]: showings of each candidate so far (default: all showings in the dataset's
         logs, which serving comes after).
         """
-        history_idx = np.asarray(history_idx, dtype=np.int64).reshape(-1)[-self.history_len:]
-        candidate_idx = np.asarray(candidate_idx, dtype=np.int64).reshape(-1)
-        retrieval_scores = np.asarray(retrieval_scores, dtype=np.float64).reshape(-1)
-        if retrieval_scores.shape != candidate_idx.shape:
-            raise NewsrecError(f"rerank: {len(retrieval_scores)} retrieval scores for "
-                               f"{len(candidate_idx)} candidates")
-        self._check_idx(history_idx, "history")
-        self._check_idx(candidate_idx, "candidate")
-        now_s = self.reference_now() if now is None else _to_seconds(now)
-        hist = history_idx if len(history_idx) else np.zeros(1, dtype=np.int64)
-        mask = (hist > 0)[None]
-        if len(candidate_idx) == 0:
-            return np.zeros(0, dtype=np.float32)
-        return self.score_batch(history_idx=hist[None], history_mask=mask, candidate_idx=candidate_idx[None],
-                                retrieval_scores=retrieval_scores[None], now_seconds=np.array([now_s]),
-                                exposure=None if exposure is None else np.asarray(exposure)[None])[0]
+        return self.rerank_many([history_idx], [candidate_idx], [retrieval_scores], [now],
+                                None if exposure is None else [exposure])[0]
+
+    def rerank_many(self, histories: list[np.ndarray], candidates: list[np.ndarray],
+                    retrieval_scores: list[np.ndarray], nows: list[datetime | None] | None = None,
+                    exposures: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """``rerank`` for several users in one batched call (the service's concurrent requests):
+        one list entry per user, each as in ``rerank``; returns float32 [C_b] per user. Histories
+        and candidate lists of different lengths are right-padded; padding changes no score."""
+        users = len(histories)
+        nows = nows if nows is not None else [None] * users
+        if not (len(candidates) == len(retrieval_scores) == len(nows) == users) or (
+                exposures is not None and len(exposures) != users):
+            raise NewsrecError("rerank: one history, candidate list, score list and time per user")
+        hists = [np.asarray(h, dtype=np.int64).reshape(-1)[-self.history_len:] for h in histories]
+        cands = [np.asarray(c, dtype=np.int64).reshape(-1) for c in candidates]
+        firsts = [np.asarray(r, dtype=np.float64).reshape(-1) for r in retrieval_scores]
+        for hist, cand, first in zip(hists, cands, firsts):
+            if first.shape != cand.shape:
+                raise NewsrecError(f"rerank: {len(first)} retrieval scores for {len(cand)} candidates")
+            self._check_idx(hist, "history")
+            self._check_idx(cand, "candidate")
+        width = max(len(c) for c in cands) if users else 0
+        if width == 0:
+            return [np.zeros(0, dtype=np.float32) for _ in range(users)]
+        length = max(max(len(h) for h in hists), 1)
+        history_idx = np.zeros((users, length), dtype=np.int64)
+        candidate_idx = np.zeros((users, width), dtype=np.int64)  # padding: news 0, scores dropped
+        first_scores = np.zeros((users, width), dtype=np.float64)
+        shown = None if exposures is None else np.zeros((users, width), dtype=np.int64)
+        for b, (hist, cand, first) in enumerate(zip(hists, cands, firsts)):
+            history_idx[b, :len(hist)] = hist
+            candidate_idx[b, :len(cand)] = cand
+            first_scores[b, :len(cand)] = first
+            if shown is not None:
+                shown[b, :len(cand)] = np.asarray(exposures[b]).reshape(-1)
+        now_s = np.array([self.reference_now() if now is None else _to_seconds(now) for now in nows])
+        scores = self.score_batch(history_idx=history_idx, history_mask=history_idx > 0,
+                                  candidate_idx=candidate_idx, retrieval_scores=first_scores,
+                                  now_seconds=now_s, exposure=shown)
+        return [scores[b, :len(cand)] for b, cand in enumerate(cands)]
 
     def exposure_counter(self, impressions: Any) -> Any:
         """``exposure(news_idx [B, C], now_seconds [B]) -> int64 [B, C]``: showings of each news

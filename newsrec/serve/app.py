@@ -269,6 +269,8 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # users' latest rows are read once here, before requests (served on the event loop) need them
+        log.info("serving %d users, %d news", service.n_users, service.index.count)
         yield
         if save_on_shutdown and service.dirty and service.index_dir is not None:
             service.save()
@@ -304,12 +306,12 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
 
     @app.post("/recommend", response_model=RecommendResponse,
               responses={400: {}, 404: {}, 413: {}, 422: {}})
-    def recommend(body: RecommendRequest) -> Any:  # type: ignore[valid-type]
+    async def recommend(body: RecommendRequest) -> Any:  # type: ignore[valid-type]
         """Top k news for a user of the dataset or for a given history (clicked news excluded)."""
         started = time.perf_counter()
-        try:
-            rec = service.recommend(user_id=body.user_id, history=body.history, k=body.k,
-                                    ignore_unknown=body.ignore_unknown)
+        try:  # checks and ids on the event loop (fast); the model work off it, batched
+            rec = await service.recommend_async(user_id=body.user_id, history=body.history, k=body.k,
+                                                ignore_unknown=body.ignore_unknown)
         except UnknownUserError as exc:
             return _error(404, exc)
         except (UnknownNewsError, NewsrecError) as exc:

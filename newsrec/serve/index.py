@@ -347,8 +347,8 @@ class NewsIndex:
 
     def _propose(self, queries: np.ndarray, fetch: int, count: int) -> np.ndarray:
         """Candidate rows int64 [B, ≥fetch] (−1 padded) from the faiss index."""
-        # online requests (a few queries) use search_threads; offline batches use every core
-        n_threads = self.params.get("search_threads", 1) if len(queries) < BATCH_QUERIES else 0
+        # online requests (a few queries) use search_threads (0 = every core); offline batches every core
+        n_threads = self.params.get("search_threads", 0) if len(queries) < BATCH_QUERIES else 0
         if not self.approximate:
             with faiss_threads(n_threads):
                 return self.faiss_index.search(queries, fetch)[1]

@@ -9,6 +9,7 @@ added through :meth:`Recommender.add_news`. Clicked news are never recommended b
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import itertools
 import threading
@@ -24,6 +25,7 @@ import torch
 from newsrec.config import Config, IndexConfig, ServeConfig
 from newsrec.data.artifact import DatasetArtifact, open_dataset
 from newsrec.errors import ArtifactError, NewsrecError
+from newsrec.serve.batching import MicroBatcher
 from newsrec.serve.index import NewsIndex, build_index, load_index
 from newsrec.utils.io import sha256_file
 
@@ -69,6 +71,41 @@ class NewsInfo:
 
 
 @dataclass(frozen=True)
+class _Job:
+    """One request's model work: its history (the clicks the encoders read), the keys never to
+    return (every click), how many candidates to retrieve, the request time for the re-ranker."""
+
+    history: np.ndarray
+    exclude: set[int]
+    retrieve_k: int
+    now: _dt.datetime | None
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A checked request: its model work, how many items it wants, the history ids it dropped, and
+    when it started and was ready for the model work (``time.perf_counter``)."""
+
+    job: _Job
+    k: int
+    ignored: list[str]
+    started: float
+    prepared: float
+
+
+@dataclass(frozen=True)
+class _Found:
+    """Retrieved candidates int64 [C], their retrieval scores [C] and final scores [C], and the
+    timings of the batched call that produced them."""
+
+    keys: np.ndarray
+    retrieval_scores: np.ndarray
+    scores: np.ndarray
+    reranked: bool
+    timings_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
 class Recommendation:
     items: list[Item]
     history_used: int  # clicks fed to the user encoder (after truncation to data.history_len)
@@ -104,6 +141,8 @@ class Recommender:
         if reranker is not None and index.fresh:
             self._register_fresh_with_reranker(index.fresh)
         self._latest_row: dict[str, tuple[str, int]] | None = None
+        self._batcher = (MicroBatcher(self._run_jobs, max_batch=self.serve_cfg.batch_max)
+                         if self.serve_cfg.batch_max > 1 else None)
         self._titles = dataset.news.select("news_idx", "title", "category")
         self._title_of = np.empty(dataset.n_news + 1, dtype=object)
         self._category_of = np.empty(dataset.n_news + 1, dtype=object)
@@ -217,24 +256,50 @@ class Recommender:
     def encode_history(self, history_keys: np.ndarray) -> np.ndarray:
         """Clicked keys (oldest first) → user vector float32 [D]; the most recent
         ``data.history_len`` clicks are used; an empty history is valid."""
-        keys = history_keys[-self.history_len:]
-        dim = self.index.dim
-        vectors = self.index.vectors_of(keys) if len(keys) else np.zeros((0, dim), np.float32)
-        n = max(len(keys), 1)
-        padded = np.zeros((1, n, dim), dtype=np.float32)
-        padded[0, :len(keys)] = vectors
-        mask = torch.zeros(1, n, dtype=torch.bool)
-        mask[0, :len(keys)] = True
+        return self.encode_histories([history_keys])[0]
+
+    def encode_histories(self, histories: list[np.ndarray]) -> np.ndarray:
+        """``encode_history`` for several users in one encoder call → float32 [B, D]."""
+        kept = [np.asarray(h, dtype=np.int64)[-self.history_len:] for h in histories]
+        lengths = np.array([len(h) for h in kept], dtype=np.int64)
+        mask = np.arange(max(int(lengths.max(initial=0)), 1))[None, :] < lengths[:, None]
+        padded = np.zeros((*mask.shape, self.index.dim), dtype=np.float32)  # right-padded
+        if lengths.sum():
+            padded[mask] = self.index.vectors_of(np.concatenate(kept))
         with torch.inference_mode():
-            user = self.model.encode_user(torch.from_numpy(padded).to(self.device), mask.to(self.device))
-        return user[0].float().cpu().numpy()
+            users = self.model.encode_user(torch.from_numpy(padded).to(self.device),
+                                           torch.from_numpy(mask).to(self.device))
+        return users.float().cpu().numpy()
 
     def recommend(self, *, user_id: str | None = None, history: list[str] | None = None,
                   k: int | None = None, ignore_unknown: bool | None = None,
                   now: _dt.datetime | None = None) -> Recommendation:
         """Top ``k`` news for ``user_id`` (latest history in the artifact) or a given ``history`` of
         news ids, never any clicked news. Retrieves ``serve.retrieve_k`` candidates, re-ranks them
-        when a re-ranker is loaded, returns ``k`` sorted by score (descending)."""
+        when a re-ranker is loaded, returns ``k`` sorted by score (descending). Concurrent calls
+        share batched model calls (``serve.batch_max``)."""
+        request = self._prepare(user_id=user_id, history=history, k=k, ignore_unknown=ignore_unknown, now=now)
+        if self._batcher is not None:
+            found = self._batcher.submit(request.job)
+        else:
+            found = self._run_jobs([request.job])[0]
+        return self._finish(request, found)
+
+    async def recommend_async(self, *, user_id: str | None = None, history: list[str] | None = None,
+                              k: int | None = None, ignore_unknown: bool | None = None,
+                              now: _dt.datetime | None = None) -> Recommendation:
+        """``recommend`` for an event loop: the model work runs on the batching worker (or a
+        thread when batching is off) while the loop serves other requests."""
+        request = self._prepare(user_id=user_id, history=history, k=k, ignore_unknown=ignore_unknown, now=now)
+        if self._batcher is not None:
+            found = await asyncio.wrap_future(self._batcher.submit_future(request.job))
+        else:
+            found = (await asyncio.to_thread(self._run_jobs, [request.job]))[0]
+        return self._finish(request, found)
+
+    def _prepare(self, *, user_id: str | None, history: list[str] | None, k: int | None,
+                 ignore_unknown: bool | None, now: _dt.datetime | None) -> "_Request":
+        """Checks and the history's keys: everything of a request before the model work."""
         if (user_id is None) == (history is None):
             raise NewsrecError("give exactly one of user_id or history")
         k = self.serve_cfg.default_k if k is None else k
@@ -242,8 +307,7 @@ class Recommender:
             raise NewsrecError(f"k={k} is out of range: 1 <= k <= {self.serve_cfg.max_k} (serve.max_k)")
         if ignore_unknown is None:
             ignore_unknown = self.serve_cfg.ignore_unknown_history
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         ignored: list[str] = []
         if user_id is not None:
             history_keys = self.user_history(user_id)
@@ -252,37 +316,56 @@ class Recommender:
                 raise NewsrecError(f"history holds {len(history)} ids, more than serve.max_history="
                                    f"{self.serve_cfg.max_history}")
             history_keys, ignored = self.resolve_history(history, ignore_unknown=ignore_unknown)
-        user_vector = self.encode_history(history_keys)
-        t1 = time.perf_counter()
-        retrieve_k = max(self.serve_cfg.retrieve_k, k)
-        found = self.index.search(user_vector[None, :], retrieve_k, exclude=[set(history_keys.tolist())])
-        valid = found.keys[0] >= 0
-        cand_keys, retrieval_scores = found.keys[0][valid], found.scores[0][valid]
-        t2 = time.perf_counter()
-        scores = retrieval_scores
-        reranked = False
-        if self.reranker is not None and len(cand_keys):
-            scores = self._rerank(history_keys[-self.history_len:], cand_keys, retrieval_scores, now)
-            reranked = True
-        t3 = time.perf_counter()
-        order = np.argsort(-scores, kind="stable")[:k]
+        job = _Job(history=history_keys[-self.history_len:], exclude=set(history_keys.tolist()),
+                   retrieve_k=max(self.serve_cfg.retrieve_k, k), now=now)
+        return _Request(job=job, k=k, ignored=ignored, started=started, prepared=time.perf_counter())
+
+    def _finish(self, request: "_Request", found: "_Found") -> Recommendation:
+        """The top k of the model work's answer, with titles; timings of every step."""
+        computed = time.perf_counter()
+        order = np.argsort(-found.scores, kind="stable")[:request.k]
         items = []
         for i in order:
-            key = int(cand_keys[i])
+            key = int(found.keys[i])
             news_id, title, category = self._info(key)
-            items.append(Item(news_id=news_id, score=float(scores[i]),
-                              retrieval_score=float(retrieval_scores[i]), title=title,
+            items.append(Item(news_id=news_id, score=float(found.scores[i]),
+                              retrieval_score=float(found.retrieval_scores[i]), title=title,
                               category=category, fresh=key > self.dataset.n_news))
-        timings.update(encode_ms=1e3 * (t1 - t0), retrieve_ms=1e3 * (t2 - t1), rerank_ms=1e3 * (t3 - t2))
-        used = [NewsInfo(*self._info(int(key))) for key in history_keys[-self.history_len:]]
-        return Recommendation(items=items, history_used=len(used), ignored_ids=ignored, reranked=reranked,
-                              timings_ms=timings, history=used)
+        used = [NewsInfo(*self._info(int(key))) for key in request.job.history]
+        waited = 1e3 * (computed - request.prepared) - sum(found.timings_ms.values())
+        timings = {"prepare_ms": 1e3 * (request.prepared - request.started), "wait_ms": max(waited, 0.0),
+                   **found.timings_ms}
+        return Recommendation(items=items, history_used=len(used), ignored_ids=request.ignored,
+                              reranked=found.reranked, timings_ms=timings, history=used)
 
-    def _rerank(self, history_keys: np.ndarray, cand_keys: np.ndarray, retrieval_scores: np.ndarray,
-                now: _dt.datetime | None) -> np.ndarray:
-        """Re-ranker scores float [C] for the retrieved candidates."""
-        scores = self.reranker.rerank(history_keys, cand_keys, retrieval_scores, now)
-        return np.asarray(scores, dtype=np.float64).reshape(len(cand_keys))
+    def _run_jobs(self, jobs: list["_Job"]) -> list["_Found"]:
+        """Encode, retrieve and re-rank for several requests at once (one call per model)."""
+        t0 = time.perf_counter()
+        users = self.encode_histories([job.history for job in jobs])
+        t1 = time.perf_counter()
+        found = self.index.search(users, max(job.retrieve_k for job in jobs),
+                                  exclude=[job.exclude for job in jobs])
+        keys, firsts = [], []
+        for b, job in enumerate(jobs):
+            valid = found.keys[b] >= 0
+            keys.append(found.keys[b][valid][:job.retrieve_k])
+            firsts.append(found.scores[b][valid][:job.retrieve_k])
+        t2 = time.perf_counter()
+        reranked = self.reranker is not None and any(len(c) for c in keys)
+        scores = (self.reranker.rerank_many([job.history for job in jobs], keys, firsts,
+                                            [job.now for job in jobs])
+                  if reranked else firsts)
+        t3 = time.perf_counter()
+        timings = {"encode_ms": 1e3 * (t1 - t0), "retrieve_ms": 1e3 * (t2 - t1),
+                   "rerank_ms": 1e3 * (t3 - t2)}
+        return [_Found(keys=c, retrieval_scores=f, scores=np.asarray(s, dtype=np.float64),
+                       reranked=reranked and len(c) > 0, timings_ms=timings)
+                for c, f, s in zip(keys, firsts, scores)]
+
+    def close(self) -> None:
+        """Stop the batching worker (requests after this compute in their own thread)."""
+        if self._batcher is not None:
+            self._batcher.close()
 
     # ------------------------------------------------------------------ fresh news
     def add_news(self, news_id: str, title: str, *, category: str | None = None,
@@ -346,7 +429,9 @@ class Recommender:
     def stats(self) -> dict[str, Any]:
         return {"news": self.index.count, "fresh_news": len(self._fresh_meta), "index_kind": self.index.kind,
                 "dim": self.index.dim, "reranker": self.reranker is not None,
-                "retrieve_k": self.serve_cfg.retrieve_k}
+                "retrieve_k": self.serve_cfg.retrieve_k,
+                "batch_max": self._batcher.max_batch if self._batcher is not None else 1,
+                "mean_batch": round(self._batcher.mean_batch, 2) if self._batcher is not None else 1.0}
 
 
 def _index_of(names: list[str], name: str | None) -> int:
