@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("-k", type=int, default=100)
-    parser.add_argument("--kinds", default="ivf,ivfpq,hnsw", help="ANN kinds measured beside flat")
+    parser.add_argument("--kinds", default="ivf,ivfsq,ivfpq,hnsw", help="ANN kinds measured beside flat")
     parser.add_argument("--threads", type=int, default=2, help="faiss/torch threads while building")
     parser.add_argument("--no-write", action="store_true", help="print only; write no JSON/PNG")
     args = parser.parse_args()

@@ -143,13 +143,13 @@ class RerankConfig:
 class IndexConfig:
     """FAISS inner-product index over news vectors.
 
-    Approximate kinds (hnsw, ivf, ivfpq) search an L2 index over the news vectors extended by one
+    Approximate kinds (hnsw, ivf, ivfsq, ivfpq) search an L2 index over the news vectors extended by one
     coordinate sqrt(M² − ‖x‖²) (M = the largest norm at build time): nearest in L2 there is largest
     inner product here. Search parameters are recorded in the index manifest at build time."""
 
-    kind: str = "auto"  # "auto" | "flat" | "hnsw" | "ivf" | "ivfpq"
+    kind: str = "auto"  # "auto" | "flat" | "hnsw" | "ivf" | "ivfsq" | "ivfpq"
     flat_max: int = 200_000  # auto: exact search up to this many news, ann_kind above
-    ann_kind: str = "ivf"  # the approximate kind auto picks above flat_max: "ivf" | "hnsw" | "ivfpq"
+    ann_kind: str = "ivfsq"  # the approximate kind auto picks above flat_max: "ivf" | "ivfsq" | "hnsw" | "ivfpq"
     device: str = "auto"  # "auto" (a GPU when faiss-gpu sees one) | "cpu" | "cuda"
     hnsw_m: int = 32  # graph neighbours per node
     hnsw_ef_search: int = 256  # search beam; raised to the number of rows asked for when larger
@@ -159,6 +159,7 @@ class IndexConfig:
     ivf_train_size: int = 100_000  # vectors sampled to train the coarse quantiser (and PQ)
     pq_m: int = 32  # sub-quantisers of IVF-PQ (the extended vector is zero-padded to a multiple)
     pq_k_factor: int = 8  # IVF-PQ proposes k * pq_k_factor rows, re-scored exactly, to return k
+    sq_k_factor: int = 2  # IVF-SQ (8-bit codes) proposes k * sq_k_factor rows, re-scored exactly
     search_threads: int = 0  # faiss threads of an online search (< 16 queries); 0 = every core
     # (the service searches one batch at a time; with serve.batch_max=1, searches run side by side: use 1)
     build_threads: int = 0  # faiss threads while building; 0 = every core
@@ -166,11 +167,12 @@ class IndexConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        _choice(self, "kind", ("auto", "flat", "hnsw", "ivf", "ivfpq"))
-        _choice(self, "ann_kind", ("hnsw", "ivf", "ivfpq"))
+        _choice(self, "kind", ("auto", "flat", "hnsw", "ivf", "ivfsq", "ivfpq"))
+        _choice(self, "ann_kind", ("hnsw", "ivf", "ivfsq", "ivfpq"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _positive(self, "flat_max", "hnsw_m", "hnsw_ef_search", "hnsw_ef_construction",
-                  "ivf_nprobe", "ivf_train_size", "pq_m", "pq_k_factor", "encode_batch_size")
+                  "ivf_nprobe", "ivf_train_size", "pq_m", "pq_k_factor", "sq_k_factor",
+                  "encode_batch_size")
         _non_negative(self, "ivf_nlist", "build_threads", "search_threads")
 
 

@@ -30,7 +30,7 @@ def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nd
 def test_choose_kind_by_size():
     cfg = IndexConfig(flat_max=1000)
     assert choose_kind(1000, cfg) == "flat"
-    assert choose_kind(1001, cfg) == "ivf"
+    assert choose_kind(1001, cfg) == "ivfsq"
     assert choose_kind(1001, IndexConfig(flat_max=1000, ann_kind="hnsw")) == "hnsw"
     assert choose_kind(10, IndexConfig(kind="ivfpq")) == "ivfpq"
 
@@ -68,7 +68,7 @@ def test_k_larger_than_pool_pads_with_minus_one():
     assert np.isneginf(result.scores[:, 5:]).all()
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfsq"])
 def test_ann_recall_on_clustered_set(kind):
     vectors = clustered_vectors(5000, 32, n_clusters=50, seed=4)
     keys = np.arange(1, 5001, dtype=np.int64)
@@ -95,6 +95,18 @@ def test_ivfpq_rescored_exactly():
     np.testing.assert_allclose(result.scores, exact, rtol=1e-5, atol=1e-4)
     rows, _ = brute_force(vectors, vectors[:3], 10)
     np.testing.assert_array_equal(result.keys, rows + 1)  # the shortlist (k * pq_k_factor) holds the top 10
+
+
+def test_ivfsq_codes_are_aligned_and_rescored_exactly():
+    vectors = clustered_vectors(3000, 30, n_clusters=30, seed=7)
+    index = build_index(vectors, np.arange(1, 3001), cfg=IndexConfig(kind="ivfsq", ivf_nprobe=16),
+                        base_news=3000, show_progress=False)
+    assert index.faiss_index.d == 32  # 30 + the MIPS coordinate, zero-padded to a multiple of 16
+    result = index.search(vectors[:5], 10)
+    exact = np.einsum("bkd,bd->bk", vectors[result.keys - 1], vectors[:5])
+    np.testing.assert_allclose(result.scores, exact, rtol=1e-5, atol=1e-4)
+    rows, _ = brute_force(vectors, vectors[:5], 10)
+    np.testing.assert_array_equal(result.keys, rows + 1)  # the shortlist (k * sq_k_factor) holds the top 10
 
 
 def norm_spread_vectors(n: int, dim: int, *, seed: int) -> np.ndarray:
@@ -162,7 +174,7 @@ def test_fresh_news_longer_than_max_norm_are_found_and_ranked(tmp_path):
         assert not set(idx.search(queries, 10, exclude=[{3001}] * 6).keys[0].tolist()) & {3001}
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfsq"])
 def test_add_fresh_news_then_search_finds_them(kind):
     vectors = clustered_vectors(1000, 16, seed=7)
     index = build_index(vectors, np.arange(1, 1001), cfg=IndexConfig(kind=kind), base_news=1000)
@@ -177,7 +189,7 @@ def test_add_fresh_news_then_search_finds_them(kind):
         index.add(fresh[:1], np.array([1001]))
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfsq"])
 def test_save_load_round_trip(tmp_path, kind):
     vectors = clustered_vectors(800, 16, seed=8)
     index = build_index(vectors, np.arange(1, 801), cfg=IndexConfig(kind=kind),

@@ -50,18 +50,22 @@ IDS_FILE = "ids.npy"
 VECTORS_FILE = "vectors.npy"
 FRESH_FILE = "fresh_news.json"
 MANIFEST_FILE = "manifest.json"
-KINDS = ("flat", "hnsw", "ivf", "ivfpq")
-APPROXIMATE_KINDS = ("hnsw", "ivf", "ivfpq")
+KINDS = ("flat", "hnsw", "ivf", "ivfsq", "ivfpq")
+APPROXIMATE_KINDS = ("hnsw", "ivf", "ivfsq", "ivfpq")
+IVF_KINDS = ("ivf", "ivfsq", "ivfpq")
+SQ_ALIGN = 16  # IVF-SQ rows are zero-padded to a multiple of this: faiss's SIMD scanners need it
 BATCH_QUERIES = 16  # a search of this many queries or more is a batch: it uses every core
 
 
 def choose_kind(n_vectors: int, cfg: IndexConfig) -> str:
     """The index kind for a pool of ``n_vectors``: ``cfg.kind``, or with ``auto`` exact search up
-    to ``cfg.flat_max`` vectors and ``cfg.ann_kind`` (IVF-Flat by default) above.
+    to ``cfg.flat_max`` vectors and ``cfg.ann_kind`` (IVF-SQ by default) above.
 
-    IVF-Flat is the default approximate kind because its recall holds on vectors whose clusters are
+    IVF kinds are the default because their recall holds on vectors whose clusters are
     high-dimensional blobs (recall@100 ≥ 0.99 where HNSW stays near 0.5-0.7 at any efSearch;
-    docs/benchmarks/serve_ann.json); HNSW remains available with ``index.ann_kind=hnsw``."""
+    docs/benchmarks/serve_ann.json). IVF-SQ keeps IVF-Flat's recall (its 8-bit shortlist is
+    re-scored exactly) with a quarter of the bytes to scan per list, which is what a search at
+    millions of news is bound by; HNSW remains available with ``index.ann_kind=hnsw``."""
     if cfg.kind != "auto":
         return cfg.kind
     return "flat" if n_vectors <= cfg.flat_max else cfg.ann_kind
@@ -90,11 +94,14 @@ def _ivf_nlist(n_vectors: int, cfg: IndexConfig) -> int:
 
 def extended_width(kind: str, dim: int, cfg: IndexConfig) -> int:
     """Width of the vectors the faiss index holds: ``dim`` for flat, ``dim + 1`` (the MIPS
-    coordinate) for HNSW / IVF, zero-padded up to a multiple of ``pq_m`` for IVF-PQ."""
+    coordinate) for HNSW / IVF, zero-padded up to a multiple of ``pq_m`` for IVF-PQ and of 16 for
+    IVF-SQ."""
     if kind == "flat":
         return dim
     if kind == "ivfpq":
         return cfg.pq_m * math.ceil((dim + 1) / cfg.pq_m)
+    if kind == "ivfsq":
+        return SQ_ALIGN * math.ceil((dim + 1) / SQ_ALIGN)
     return dim + 1
 
 
@@ -151,6 +158,10 @@ def _new_faiss_index(kind: str, dim: int, n_vectors: int, cfg: IndexConfig) -> t
     if kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, width, nlist, faiss.METRIC_L2)
         params = {"ivf_nlist": nlist, "ivf_nprobe": cfg.ivf_nprobe, **search}
+    elif kind == "ivfsq":  # 8 bits per coordinate, range learnt per dimension
+        index = faiss.IndexIVFScalarQuantizer(quantizer, width, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                              faiss.METRIC_L2)
+        params = {"ivf_nlist": nlist, "ivf_nprobe": cfg.ivf_nprobe, "sq_k_factor": cfg.sq_k_factor, **search}
     else:
         index = faiss.IndexIVFPQ(quantizer, width, nlist, cfg.pq_m, 8, faiss.METRIC_L2)
         params = {"ivf_nlist": nlist, "ivf_nprobe": cfg.ivf_nprobe, "pq_m": cfg.pq_m,
@@ -299,10 +310,12 @@ class NewsIndex:
             self.params["search_threads"] = cfg.search_threads
             if self.kind == "hnsw":
                 self.params["hnsw_ef_search"] = cfg.hnsw_ef_search
-            if self.kind in ("ivf", "ivfpq"):
+            if self.kind in IVF_KINDS:
                 self.params["ivf_nprobe"] = cfg.ivf_nprobe
             if self.kind == "ivfpq":
                 self.params["pq_k_factor"] = cfg.pq_k_factor
+            if self.kind == "ivfsq":
+                self.params["sq_k_factor"] = cfg.sq_k_factor
 
     # ---- search
     def search(self, queries: np.ndarray, k: int, *, exclude: list[set[int]] | None = None) -> SearchResult:
@@ -354,8 +367,8 @@ class NewsIndex:
                 return self.faiss_index.search(queries, fetch)[1]
         extended = extend_queries(queries, self.params["width"])
         params = None
-        if self.kind == "ivfpq":
-            fetch = min(fetch * self.params.get("pq_k_factor", 1), count)
+        if self.kind in ("ivfpq", "ivfsq"):  # compressed codes: a longer shortlist, re-scored exactly
+            fetch = min(fetch * self.params.get(f"{self.kind[3:]}_k_factor", 1), count)
         if not self.on_gpu and self.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(self.params.get("hnsw_ef_search", 16), fetch))
         elif not self.on_gpu:
@@ -461,7 +474,7 @@ def build_index(vectors: np.ndarray, keys: np.ndarray, *, cfg: IndexConfig, base
     if kind in APPROXIMATE_KINDS:
         params["max_norm"] = max_norm_of(vectors)
     with faiss_threads(cfg.build_threads):
-        if kind in ("ivf", "ivfpq"):
+        if kind in IVF_KINDS:
             rng = np.random.default_rng(cfg.seed)
             sample = vectors if n <= cfg.ivf_train_size else vectors[np.sort(rng.choice(n, cfg.ivf_train_size, replace=False))]
             index.train(extend_for_l2(sample, max_norm=params["max_norm"], width=params["width"])[0])
