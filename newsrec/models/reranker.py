@@ -460,20 +460,13 @@ class LoadedReranker:
                 raise NewsrecError(f"rerank: {len(first)} retrieval scores for {len(cand)} candidates")
             self._check_idx(hist, "history")
             self._check_idx(cand, "candidate")
-        width = max(len(c) for c in cands) if users else 0
-        if width == 0:
+        if max((len(c) for c in cands), default=0) == 0:
             return [np.zeros(0, dtype=np.float32) for _ in range(users)]
-        length = max(max(len(h) for h in hists), 1)
-        history_idx = np.zeros((users, length), dtype=np.int64)
-        candidate_idx = np.zeros((users, width), dtype=np.int64)  # padding: news 0, scores dropped
-        first_scores = np.zeros((users, width), dtype=np.float64)
-        shown = None if exposures is None else np.zeros((users, width), dtype=np.int64)
-        for b, (hist, cand, first) in enumerate(zip(hists, cands, firsts)):
-            history_idx[b, :len(hist)] = hist
-            candidate_idx[b, :len(cand)] = cand
-            first_scores[b, :len(cand)] = first
-            if shown is not None:
-                shown[b, :len(cand)] = np.asarray(exposures[b]).reshape(-1)
+        history_idx = right_padded(hists, np.int64, min_width=1)
+        candidate_idx = right_padded(cands, np.int64)  # padding: news 0, its scores dropped
+        first_scores = right_padded(firsts, np.float64)
+        shown = (None if exposures is None else
+                 right_padded([np.asarray(e).reshape(-1) for e in exposures], np.int64))
         now_s = np.array([self.reference_now() if now is None else _to_seconds(now) for now in nows])
         scores = self.score_batch(history_idx=history_idx, history_mask=history_idx > 0,
                                   candidate_idx=candidate_idx, retrieval_scores=first_scores,
@@ -537,6 +530,17 @@ class LoadedReranker:
             bar.update(len(rows))
         bar.close()
         return out
+
+
+def right_padded(rows: list[np.ndarray], dtype: Any, *, min_width: int = 0) -> np.ndarray:
+    """``rows`` (1-d arrays) stacked left-aligned into [B, W], 0 after each row's end;
+    W = the longest row (at least ``min_width``)."""
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    mask = np.arange(max(int(lengths.max(initial=0)), min_width))[None, :] < lengths[:, None]
+    out = np.zeros(mask.shape, dtype=dtype)
+    if lengths.sum():
+        out[mask] = np.concatenate(rows)
+    return out
 
 
 def padded_histories(impressions: Any, rows: np.ndarray, *, max_len: int) -> tuple[np.ndarray, np.ndarray]:

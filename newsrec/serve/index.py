@@ -53,6 +53,7 @@ MANIFEST_FILE = "manifest.json"
 KINDS = ("flat", "hnsw", "ivf", "ivfsq", "ivfpq")
 APPROXIMATE_KINDS = ("hnsw", "ivf", "ivfsq", "ivfpq")
 IVF_KINDS = ("ivf", "ivfsq", "ivfpq")
+SHORTLIST_FACTOR = {"ivfpq": "pq_k_factor", "ivfsq": "sq_k_factor"}  # compressed codes: k * factor re-scored
 SQ_ALIGN = 16  # IVF-SQ rows are zero-padded to a multiple of this: faiss's SIMD scanners need it
 BATCH_QUERIES = 16  # a search of this many queries or more is a batch: it uses every core
 
@@ -312,10 +313,9 @@ class NewsIndex:
                 self.params["hnsw_ef_search"] = cfg.hnsw_ef_search
             if self.kind in IVF_KINDS:
                 self.params["ivf_nprobe"] = cfg.ivf_nprobe
-            if self.kind == "ivfpq":
-                self.params["pq_k_factor"] = cfg.pq_k_factor
-            if self.kind == "ivfsq":
-                self.params["sq_k_factor"] = cfg.sq_k_factor
+            if self.kind in SHORTLIST_FACTOR:
+                name = SHORTLIST_FACTOR[self.kind]
+                self.params[name] = getattr(cfg, name)
 
     # ---- search
     def search(self, queries: np.ndarray, k: int, *, exclude: list[set[int]] | None = None) -> SearchResult:
@@ -367,8 +367,8 @@ class NewsIndex:
                 return self.faiss_index.search(queries, fetch)[1]
         extended = extend_queries(queries, self.params["width"])
         params = None
-        if self.kind in ("ivfpq", "ivfsq"):  # compressed codes: a longer shortlist, re-scored exactly
-            fetch = min(fetch * self.params.get(f"{self.kind[3:]}_k_factor", 1), count)
+        if self.kind in SHORTLIST_FACTOR:  # compressed codes: a longer shortlist, re-scored exactly
+            fetch = min(fetch * self.params.get(SHORTLIST_FACTOR[self.kind], 1), count)
         if not self.on_gpu and self.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(self.params.get("hnsw_ef_search", 16), fetch))
         elif not self.on_gpu:
