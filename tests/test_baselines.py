@@ -297,3 +297,15 @@ def test_submit_cli_baseline_writes_a_valid_file(tiny, tmp_path):
     assert result.exit_code == 0, result.output
     check = CliRunner().invoke(main, ["submit", "--check", str(out), "--data", str(tiny.root), "--split", "dev"])
     assert check.exit_code == 0 and "valid (4 impressions" in check.output
+
+
+def test_logreg_fits_on_a_seeded_sample_of_whole_impressions(tmp_path):
+    dataset = write_category_and_popularity_world(tmp_path / "world")
+    train = dataset.impressions("train")
+    config = BaselineConfig(logreg_max_rows=500, seed=3)
+    model = fit_logreg(dataset, config)
+    assert 500 <= model.train_rows < 510  # whole impressions of 10 candidates, just past the cap
+    assert model.train_rows < len(train.candidates)
+    again = fit_logreg(dataset, config)
+    np.testing.assert_array_equal(model.coef, again.coef)
+    assert not np.array_equal(model.coef, fit_logreg(dataset, BaselineConfig(logreg_max_rows=500, seed=4)).coef)
