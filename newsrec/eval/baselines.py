@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -35,6 +35,10 @@ from newsrec.data.artifact import DatasetArtifact, Impressions, _take_csr
 from newsrec.data.popularity import PrefixCounts, news_counts_from_artifact, shrunk_ctr
 from newsrec.errors import ConfigError, NewsrecError
 from newsrec.eval import metrics as M
+
+if TYPE_CHECKING:  # the stages import these lazily: evaluate.py brings torch with it
+    from newsrec.eval.evaluate import EvaluationResult
+    from newsrec.eval.submission import SubmitResult
 
 BASELINES = ("heuristic", "logreg", "popularity")
 DISPLAY_NAMES = {  # rows of comparison tables
@@ -313,9 +317,9 @@ def _config_dict(config: BaselineConfig, name: str) -> dict[str, Any]:
 
 
 def evaluate_baseline(name: str, data_dir: str | Path, *, split: str = "dev", out: str | Path | None = None,
-                      config: BaselineConfig | None = None) -> Any:
+                      config: BaselineConfig | None = None) -> EvaluationResult:
     """``newsrec evaluate --baseline NAME``: the same metrics, breakdowns and metrics.json as a
-    model's evaluation. Returns ``newsrec.eval.evaluate.EvaluationResult``."""
+    model's evaluation (the split must be labelled)."""
     from newsrec.eval.evaluate import EvaluationResult, breakdowns, json_safe, labelled_split, seen_news_mask
     from newsrec.utils.io import write_json
 
@@ -339,9 +343,9 @@ def evaluate_baseline(name: str, data_dir: str | Path, *, split: str = "dev", ou
 
 
 def submit_baseline(name: str, data_dir: str | Path, *, out: str | Path, split: str = "test",
-                    config: BaselineConfig | None = None) -> Any:
+                    config: BaselineConfig | None = None) -> SubmitResult:
     """``newsrec submit --baseline NAME``: rank every impression of ``split`` by the baseline and
-    write the leaderboard file (validated, atomic). Returns ``newsrec.eval.submission.SubmitResult``."""
+    write the leaderboard file (validated, atomic)."""
     from newsrec.eval.submission import SubmitResult, write_submission
 
     dataset = DatasetArtifact(data_dir)
