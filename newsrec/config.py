@@ -140,6 +140,22 @@ class RerankConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """Hand-made baselines scored from the dataset artifact alone (``newsrec evaluate --baseline``)."""
+
+    share_smoothing: float = 0.01  # a in log((share + a) / (base + a)): shares below ~a count as absent
+    popularity_prior: float = 20.0  # pseudo-impressions shrinking a news' train click-through to the mean
+    logreg_c: float = 1.0  # inverse L2 strength of the logistic regression (standardised features)
+    logreg_max_rows: int = 1_000_000  # train candidates the regression is fitted on (seeded sample of
+    #                                   impressions above; 0.5M and 2M gave the same coefficients to 0.01)
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "popularity_prior")
+        _positive(self, "share_smoothing", "logreg_c", "logreg_max_rows")
+
+
+@dataclass
 class IndexConfig:
     """FAISS inner-product index over news vectors.
 
@@ -236,6 +252,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from newsrec.config import Config, load_config
 from newsrec.errors import ConfigError
 from pipelines.core import StageResult, StageRunner
@@ -244,10 +242,8 @@ def _synth_info(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _comparison_table(config: Config, paths: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """Dev metrics of every model evaluated, the popularity baseline and (synthetic data) the oracle."""
-    from newsrec.data.artifact import DatasetArtifact
-    from newsrec.data.popularity import news_counts_from_artifact
-    from newsrec.eval.metrics import compute_metrics
+    """Dev metrics of every model evaluated, the hand-made baselines and (synthetic data) the oracle."""
+    from newsrec.eval.baselines import BASELINES, DISPLAY_NAMES, evaluate_baseline
     from newsrec.utils.io import read_json
 
     keys = ("auc", "mrr", "ndcg@5", "ndcg@10", "impressions")
@@ -256,18 +252,15 @@ def _comparison_table(config: Config, paths: dict[str, Path]) -> dict[str, dict[
         m = read_json(path)
         name = {_slug(n): n for n in MODEL_NAMES}.get(path.stem, path.stem)
         table[name] = {k: m[k] for k in keys}
-    dataset = DatasetArtifact(paths["dataset"])
-    dev = dataset.impressions("dev")
-    counts = news_counts_from_artifact(dataset)
-    pop = counts.ctr(dev.candidates, prior=config.rerank.popularity_prior).astype(np.float32)
-    pm = compute_metrics(dev.labels, pop, dev.candidate_offsets)
-    table["Popularity (train CTR)"] = {k: pm[k] for k in keys}
+    for baseline in BASELINES:
+        bm = evaluate_baseline(baseline, paths["dataset"], split="dev", config=config.baseline).metrics
+        table[DISPLAY_NAMES[baseline]] = {k: bm[k] for k in keys}
     oracle = paths.get("raw", Path("/nonexistent")) / "ground_truth" / "oracle_metrics.json"
     if oracle.is_file():
         o = read_json(oracle)
         o = o.get("dev", o)
         table["Oracle (true probabilities)"] = {k: o.get(k) for k in keys}
-    order = [TWO_STAGE, FIRST_STAGE, BASELINE, "Popularity (train CTR)",
+    order = [TWO_STAGE, FIRST_STAGE, BASELINE, *(DISPLAY_NAMES[b] for b in ("logreg", "heuristic", "popularity")),
              "Oracle (true probabilities)"]
     return {k: table[k] for k in order if k in table} | {k: v for k, v in table.items() if k not in order}
 

@@ -39,6 +39,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path):
     assert not any(s.skipped for s in first.stages)
     table = first.table
     assert {"Fastformer", "Fastformer + re-ranker", "MHSA (NRMS)", "Popularity (train CTR)",
+            "Logistic regression (history features)", "Category share-lift",
             "Oracle (true probabilities)"} <= set(table)
     for row in table.values():
         assert 0.0 <= row["auc"] <= 1.0
