@@ -31,6 +31,20 @@ bias is calibrated so that ~4% of candidates are clicked; an impression where no
 its highest draw clicked. The oracle scores a candidate by its true click probability
 ``sigmoid(z / sqrt(1 + pi * noise_std^2 / 8))`` (the logistic–normal integral), which is what
 ``ground_truth/`` holds and what ``oracle_metrics.json`` is computed from.
+
+Worlds and real text
+--------------------
+``world=`` picks knobs of ``newsrec.data.worlds`` (exposure mode, cold test period, interest mix
+including entity and latent text-topic interests, drift between the history and impression
+periods); the default world is the model above, byte for byte. ``news_path=`` takes the news from a
+real MIND news.tsv (``RealNewsWorld``) and scales the sizes to it.
+
+History-only limit
+------------------
+Beside the oracle, ``ground_truth/`` reports what a score that sees only the user's history reaches
+(``_history_only``): the posterior over the user's interests given the history, by importance
+sampling over draws of the interest prior, scored alone and with the news' true popularity and
+freshness terms (``HISTORY_ONLY_METHOD`` says exactly what is approximated).
 """
 from __future__ import annotations
 

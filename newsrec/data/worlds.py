@@ -12,7 +12,8 @@ cold-test            as default                                  dev/test show o
                                                                  the training period (days 6-7)
 uniform-exposure     as default (popularity moves clicks only)   uniform over the day's pool
 entity-interest      interests in entities (WikidataIds) weigh   as default
-                     most; taxonomy interests a third
+                     most; taxonomy interests a third; title
+                     entities Zipf-frequent across categories
 drift                as default, but impression-period           as default
                      interests are (1-d) history-period
                      interests + d fresh ones (d = 0.6)
