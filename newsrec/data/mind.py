@@ -459,6 +459,7 @@ class BehaviorsTable:
     sha256: str
     skipped: dict[str, int]
     no_click: int  # labelled impressions without any click (allowed, reported)
+    listing: pl.DataFrame | None = None  # every impression line as written (``impression_listing``)
 
 
 BEHAVIORS_CHUNK_ROWS = 250_000  # rows parsed at a time: bounds the memory of the string work
@@ -495,6 +496,7 @@ def read_behaviors(source: SourceFile, *, on_bad_rows: str = "error",
     chunks = [_behaviors_chunk(lines.frame.slice(start, chunk_rows), bad, labelling, last_line=last_line,
                                ends_with_newline=lines.ends_with_newline)
               for start in range(0, len(lines.frame), chunk_rows)]
+    listing = impression_listing(lines.frame)
     del lines.frame
     frame = pl.concat([c.frame for c in chunks], how="vertical")
     history_counts = np.concatenate([c.history_counts for c in chunks])
@@ -533,7 +535,44 @@ def read_behaviors(source: SourceFile, *, on_bad_rows: str = "error",
     return BehaviorsTable(label=source.label, frame=frame.drop("ok"), history_ids=history_ids,
                           history_counts=history_counts, candidate_ids=candidate_ids,
                           candidate_counts=candidate_counts, labels=labels, sha256=lines.sha256,
-                          skipped=dict(bad.counts), no_click=no_click)
+                          skipped=dict(bad.counts), no_click=no_click, listing=listing)
+
+
+def impression_listing(lines: pl.DataFrame) -> pl.DataFrame:
+    """Every impression line of a behaviors file as written, valid or not: what a leaderboard
+    file must answer line by line.
+
+    ``lines``: text, line_no (``read_lines``). Blank lines hold no impression and are left out.
+    Returns one row per other line, in file order: ``line_no`` Int64; ``impression_id`` String
+    (the first column, stripped; null when empty); ``candidate_ids`` List(String), the news ids of
+    the Impressions column in order with any ``-label`` suffix removed (null when the line does not
+    have 5 columns or lists no candidate); ``labels`` List(Int8) (null unless every candidate of the
+    line carries a 0/1 label).
+    """
+    text = lines.filter(pl.Series(~_blank(lines["text"])))
+    fields = pl.col("text").str.split("\t")
+    tokens = (pl.col("raw").str.strip_chars().str.split(" ")
+              .list.eval(pl.element().filter(pl.element() != "")))
+    out = text.select(
+        "line_no",
+        impression_id=fields.list.get(0, null_on_oob=True).str.strip_chars(),
+        raw=pl.when(fields.list.len() == len(BEHAVIORS_COLUMNS)).then(fields.list.get(-1)),
+    ).with_columns(pl.when(pl.col("impression_id") != "").then(pl.col("impression_id"))
+                   .alias("impression_id"),
+                   tokens.alias("tokens"))
+    out = out.with_columns(pl.when(pl.col("tokens").list.len() > 0).then(pl.col("tokens")).alias("tokens"))
+    labelled = pl.col("tokens").list.eval(pl.element().str.contains(r"-[01]$"))
+    return out.select(
+        "line_no", "impression_id",
+        candidate_ids=pl.col("tokens").list.eval(pl.element().str.replace(r"-[^-]*$", "")),
+        labels=pl.when(labelled.list.all())
+        .then(pl.col("tokens").list.eval(pl.element().str.slice(-1).cast(pl.Int8))),
+    )
+
+
+def read_impression_listing(source: SourceFile) -> pl.DataFrame:
+    """``impression_listing`` of a behaviors.tsv (read and checked as by ``read_behaviors``)."""
+    return impression_listing(read_lines(source).frame)
 
 
 def _behaviors_chunk(lines: pl.DataFrame, bad: BadRows, labelling: _Labelling, *, last_line: int,
