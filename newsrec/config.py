@@ -190,12 +190,16 @@ class ServeConfig:
     latency_window: int = 10_000  # recent requests kept for the latency percentiles
     torch_threads: int = 1  # intra-op threads of the model calls: concurrent requests share the cores
     batch_max: int = 8  # most concurrent requests run as one batched model call; 1 = each on its own
+    max_fresh_news: int = 100_000  # fresh news kept (POST /news); beyond it the oldest are evicted
+    admin_token: str = ""  # bearer token the write endpoints require ("" = $NEWSREC_ADMIN_TOKEN, else none)
+    allow_open_writes: bool = False  # serve on a non-loopback host without an admin token anyway
     host: str = "127.0.0.1"
     port: int = 8000
 
     def __post_init__(self) -> None:
         _positive(self, "retrieve_k", "default_k", "max_k", "max_history", "max_body_bytes",
-                  "max_title_chars", "latency_window", "torch_threads", "batch_max", "port")
+                  "max_title_chars", "latency_window", "torch_threads", "batch_max", "port",
+                  "max_fresh_news")
         if self.default_k > self.max_k:
             raise ConfigError(f"serve.default_k={self.default_k} must be <= serve.max_k={self.max_k}")
 

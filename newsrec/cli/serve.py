@@ -97,19 +97,25 @@ def recommend_command(model_dir: str, index_dir: str, reranker_dir: str | None, 
 @_DATA
 @click.option("--host", default=None, help="Interface to bind (default serve.host, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default serve.port, 8000).")
+@click.option("--allow-open-writes", is_flag=True,
+              help="Serve POST /news and /index/save without an admin token on a non-loopback host "
+                   "(serve.allow_open_writes).")
 @config_options
 def serve_command(model_dir: str, index_dir: str, reranker_dir: str | None, data_dir: str | None,
-                  host: str | None, port: int | None, config_path: str | None,
+                  host: str | None, port: int | None, allow_open_writes: bool, config_path: str | None,
                   overrides: tuple[str, ...]) -> None:
     """Serve recommendations over HTTP (FastAPI + uvicorn); the API is at /docs."""
     import torch
     import uvicorn
 
-    from newsrec.serve.app import create_app
+    from newsrec.serve.app import check_open_writes, create_app
     from newsrec.serve.service import Recommender
 
+    if allow_open_writes:
+        overrides = (*overrides, "serve.allow_open_writes=true")
     config = _settings(config_path, overrides, model_dir)
     host = host or config.serve.host
+    check_open_writes(config.serve, host)
     port = config.serve.port if port is None else port
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port}: expected 1..65535")
