@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from newsrec.cli import config_options, main, model_option as _MODEL
-from newsrec.config import load_config
+from newsrec.config import saved_model_config
 from newsrec.errors import ConfigError
 
 _INDEX = click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False),
@@ -18,18 +18,8 @@ _DATA = click.option("--data", "data_dir", default=None, type=click.Path(file_ok
 
 
 def _settings(config_path: str | None, overrides: tuple[str, ...], model_dir: str):
-    """The serving config: the model's saved config, then -c FILE, then -o overrides."""
-    from newsrec.config import config_from_dict
-    from newsrec.models.io import CONFIG_FILE
-
-    import yaml
-
-    saved = Path(model_dir) / CONFIG_FILE
-    base = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
-    if config_path is not None:
-        extra = load_config(config_path).to_dict()
-        base = {**base, "index": extra["index"], "serve": extra["serve"]}
-    return config_from_dict(base or {}, overrides=overrides, source=str(saved))
+    """The model's saved config with serve.* and index.* from -c FILE and -o (see config.py)."""
+    return saved_model_config(config_path, overrides, model_dir)
 
 
 def _search_settings(config, config_path: str | None, overrides: tuple[str, ...]):
