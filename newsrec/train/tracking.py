@@ -224,7 +224,7 @@ def _write_news_table(dataset: Any, dest: Path) -> None:
 
 def log_model(model_dir: str | Path, *, dataset: Any, register_name: str = "") -> str | None:
     """Log MODEL_DIR (+ the dataset's news table) as a pyfunc model of the active run, with a
-    signature; register it under ``register_name`` when given. Returns the model URI."""
+    signature and an input example (one history and three candidates of the dataset); register it under ``register_name`` when given. Returns the model URI."""
     mlflow = _active_mlflow()
     if mlflow is None:
         return None
@@ -245,6 +245,7 @@ def log_model(model_dir: str | Path, *, dataset: Any, register_name: str = "") -
             loader_module="newsrec.train.tracking",
             data_path=str(data),
             signature=signature,
+            input_example=example,  # shown by the MLflow UI and used by `mlflow models serve` checks
             pip_requirements=_pip_requirements(),  # given, so mlflow does not probe the environment
             registered_model_name=register_name or None,
         )
