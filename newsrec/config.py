@@ -460,17 +460,6 @@ def apply_saved_model(given: Config, saved: Config, *, artifact: str,
     return _with_values(saved, {k: v for k, v in mine.items() if k.split(".", 1)[0] in command_sections})
 
 
-def dataset_config(config_path: str | Path | None, overrides: Iterable[str], data_dir: str | Path) -> Config:
-    """``-c FILE`` and ``-o`` overrides resolved against the dataset artifact at ``data_dir``
-    (``apply_dataset``): the config a command that trains on it uses."""
-    from newsrec.utils.io import read_json
-
-    config = load_config(config_path, overrides)
-    manifest_path = Path(data_dir) / "manifest.json"
-    manifest = read_json(manifest_path) if manifest_path.is_file() else {}
-    return apply_dataset(config, manifest, artifact=str(data_dir))
-
-
 def saved_model_config(config_path: str | Path | None, overrides: Iterable[str], model_dir: str | Path,
                        *, config_file: str = "config.yaml") -> Config:
     """``-c FILE`` and ``-o`` overrides resolved against the model saved in ``model_dir``

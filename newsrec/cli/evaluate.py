@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from newsrec.cli import main, model_option as _MODEL
+from newsrec.cli import main, model_option
 
 _DEVICE = click.option("--device", default=None, type=click.Choice(["cpu", "cuda", "auto"]),
                        help="Where to run the model (default: the model's train.device).")
@@ -19,7 +19,7 @@ def _metrics_line(metrics: dict) -> str:
 
 
 @main.command("evaluate")
-@_MODEL
+@model_option
 @_RERANKER
 @_DATA
 @click.option("--split", default="dev", show_default=True, help="Labelled split to evaluate.")
@@ -106,7 +106,7 @@ def submit_command(model_dir: str | None, reranker_dir: str | None, data_dir: st
 
 
 @main.command("score")
-@_MODEL
+@model_option
 @_DATA
 @click.option("--out", "out_path", required=True, type=click.Path(),
               help="Output folder, e.g. scores.parquet (part-XXXXX.parquet files + a manifest).")

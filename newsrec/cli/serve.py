@@ -1,11 +1,9 @@
 """``newsrec index``, ``newsrec recommend`` and ``newsrec serve`` (library: ``newsrec.serve``)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from newsrec.cli import config_options, main, model_option as _MODEL
+from newsrec.cli import config_options, main, model_option
 from newsrec.config import saved_model_config
 from newsrec.errors import ConfigError
 
@@ -30,7 +28,7 @@ def _search_settings(config, config_path: str | None, overrides: tuple[str, ...]
 
 
 @main.command("index")
-@_MODEL
+@model_option
 @click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
               help="Dataset artifact whose news are indexed (default: the model's).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -48,7 +46,7 @@ def index_command(model_dir: str, data_dir: str | None, out_dir: str, config_pat
 
 
 @main.command("recommend")
-@_MODEL
+@model_option
 @_INDEX
 @_RERANKER
 @click.option("--user", "user_id", default=None, help="A user id of the dataset (latest history is used).")
@@ -81,7 +79,7 @@ def recommend_command(model_dir: str, index_dir: str, reranker_dir: str | None, 
 
 
 @main.command("serve")
-@_MODEL
+@model_option
 @_INDEX
 @_RERANKER
 @_DATA

@@ -30,7 +30,6 @@ NEWS_COLUMNS = ("NewsID", "Category", "SubCategory", "Title", "Abstract", "URL",
 BEHAVIORS_COLUMNS = ("ImpressionID", "UserID", "Time", "History", "Impressions")
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 TIME_EXAMPLE = "11/15/2019 8:55:22 AM"
-BAD_ROW_POLICIES = ("error", "skip")
 
 _BOM = b"\xef\xbb\xbf"
 _UTF8_CHUNK = 64 << 20
