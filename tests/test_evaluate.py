@@ -74,8 +74,7 @@ def make_artifact(root, *, n_news=60, n_impressions={"train": 40, "dev": 30, "te
                        for c, lab in zip(r["candidates"], r["labels"] or r["candidates"])) + "\n"
             for r in recs))
         pl.DataFrame({"line_no": np.arange(1, n + 1), "impression_id": [str(r["impression_id"]) for r in recs],
-                      "row": np.arange(n), "candidate_ids": [[f"N{c}" for c in r["candidates"]] for r in recs],
-                      "candidates": [r["candidates"] for r in recs]},
+                      "row": np.arange(n), "candidates": [r["candidates"] for r in recs]},
                      schema=schema.LISTING_SCHEMA).write_parquet(root / schema.listing_file(split))
     idx = np.arange(1, n_news + 1)
     news = pl.DataFrame({

@@ -155,3 +155,27 @@ def test_unreadable_candidate_list_fails_naming_the_line(tmp_path):
     folder = write_split(tmp_path / "t", news=TEST_NEWS, behaviors=rows)
     with pytest.raises(DataError, match=r"behaviors.tsv:2: impression 31: no candidate list can be read"):
         behaviors_listing(folder)
+
+
+def test_raw_listing_chunks_and_labels(tmp_path):
+    from newsrec.data import mind
+    from newsrec.eval.metrics import compute_metrics
+
+    rows = [behaviors_row(40 + i, "U1", ["N1"], [(f"N{j}", int(j == i % 3)) for j in range(1, 4 + i % 2)],
+                          when=DAY2) for i in range(7)]
+    folder = write_split(tmp_path / "d", news=TEST_NEWS, behaviors=rows[:3] + [""] + rows[3:])
+    lines = mind.read_lines(mind.locate_split(folder).behaviors).frame
+    whole, chunked = mind.impression_listing(lines), mind.impression_listing(lines, chunk_rows=2)
+    assert whole.frame.equals(chunked.frame) and list(whole.frame["line_no"]) == [1, 2, 3, 5, 6, 7, 8]
+    np.testing.assert_array_equal(whole.candidate_counts, chunked.candidate_counts)
+    np.testing.assert_array_equal(whole.labels, chunked.labels)
+    assert whole.candidate_ids.to_strings().to_list() == chunked.candidate_ids.to_strings().to_list()
+    listing = behaviors_listing(folder)
+    assert list(listing.impression_id) == [str(40 + i) for i in range(7)]  # the blank line holds none
+    want_labels = np.concatenate([[int(j == i % 3) for j in range(1, 4 + i % 2)] for i in range(7)])
+    np.testing.assert_array_equal(listing.labels, want_labels)
+    ranks = np.concatenate([np.arange(1, 4 + i % 2)[::-1] for i in range(7)])
+    text = "".join(f"{40 + i} [{','.join(map(str, np.arange(1, 4 + i % 2)[::-1]))}]\n" for i in range(7))
+    (tmp_path / "p.txt").write_text(text)
+    check = check_submission(tmp_path / "p.txt", listing)
+    assert check.metrics == compute_metrics(want_labels, 1.0 / ranks, listing.candidate_offsets)

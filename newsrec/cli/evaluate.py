@@ -100,7 +100,7 @@ def submit_command(model_dir: str | None, reranker_dir: str | None, data_dir: st
                f"(split '{split}', validated)")
     if result.missing_news or result.rowless:
         click.echo(f"{result.missing_news} candidate(s) absent from news.tsv ranked last; "
-                   f"{result.rowless} impression(s) ingest skipped scored as users without history")
+                   f"{result.rowless} impression(s) ingest kept no row for scored as users without history")
     if result.metrics is not None:
         click.echo(f"local metrics (score = 1/rank): {_metrics_line(result.metrics)}")
 

@@ -277,20 +277,18 @@ def _map_behaviors(table: mind.BehaviorsTable, id_map: pl.DataFrame, *, policy: 
             frame["line_no"].to_numpy().astype(np.int64))
 
 
-def listing_frame(listing: pl.DataFrame, line_nos: np.ndarray, id_map: pl.DataFrame) -> pl.DataFrame:
-    """The LISTING_SCHEMA frame of a split: every impression line of its behaviors.tsv
-    (``mind.impression_listing``) with the row of behaviors-<split>.parquet that holds it (null when
-    the line was skipped as a bad row or lost every candidate to missing news) and its candidates'
-    news_idx (0 where news.tsv lacks the news)."""
+def listing_frame(listing: mind.ImpressionListing, line_nos: np.ndarray, id_map: pl.DataFrame) -> pl.DataFrame:
+    """The LISTING_SCHEMA frame of a split: every impression line of its behaviors.tsv with the
+    row of behaviors-<split>.parquet that holds it (null when the line was skipped as a bad row or
+    lost every candidate to missing news) and its listed candidates' news_idx (0 where news.tsv
+    lacks the news; null when the list cannot be read)."""
     row_of_line = pl.DataFrame({"line_no": line_nos, "row": np.arange(len(line_nos), dtype=np.int64)})
-    listing = listing.join(row_of_line, on="line_no", how="left", maintain_order="left")
-    flat = listing["candidate_ids"].explode().drop_nulls()
-    idx, _ = lookup_news(mind.NewsIds.from_tokens(flat), id_map)
-    counts = listing["candidate_ids"].list.len().fill_null(0).to_numpy().astype(np.int64)
+    idx, _ = lookup_news(listing.candidate_ids, id_map)
+    counts = listing.candidate_counts
     candidates = _list_series(idx.astype(np.int32), counts, pl.Int32)
-    listing = listing.with_columns(
-        candidates=pl.when(pl.col("candidate_ids").is_not_null()).then(candidates))
-    return listing.select([pl.col(c).cast(t) for c, t in schema.LISTING_SCHEMA.items()])
+    frame = listing.frame.with_columns(candidates=pl.when(pl.Series(counts > 0)).then(candidates))
+    frame = frame.join(row_of_line, on="line_no", how="left", maintain_order="left")
+    return frame.select([pl.col(c).cast(t) for c, t in schema.LISTING_SCHEMA.items()])
 
 
 def lookup_news(ids: mind.NewsIds, id_map: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:

@@ -81,8 +81,8 @@ LISTING_SCHEMA: dict[str, pl.DataType] = {
     "line_no": pl.Int64,  # 1-based line in behaviors.tsv (blank lines hold no impression)
     "impression_id": pl.String,  # as written in the file; null when the line has none
     "row": pl.Int64,  # row of behaviors-<split>.parquet; null when ingest kept no row for the line
-    "candidate_ids": pl.List(pl.String),  # news ids as listed; null when the list cannot be read
-    "candidates": pl.List(pl.Int32),  # news_idx of candidate_ids; 0 = absent from news.tsv
+    "candidates": pl.List(pl.Int32),  # news_idx as listed; 0 = absent from news.tsv; null when
+    #                                   the list cannot be read (not 5 columns, or no candidate)
 }
 
 

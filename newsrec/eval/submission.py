@@ -185,9 +185,9 @@ def read_submission_lines(path: str | Path) -> tuple[list[str], str]:
 class Listing:
     """The impression lines a submission answers, in file order (CSR over candidates).
 
-    ``candidates`` int32 [M]: news_idx, 0 where news.tsv lacks the news (artifact listing only);
-    ``rows`` int64 [n]: row of behaviors-<split>.parquet, -1 where ingest kept none;
-    ``labels`` int8 [M] when every line is labelled, else None."""
+    ``candidates`` int32 [M]: news_idx, 0 where news.tsv lacks the news, and ``rows`` int64 [n]:
+    row of behaviors-<split>.parquet, -1 where ingest kept none (artifact listing only);
+    ``labels`` int8 [M] when every candidate is labelled (behaviors file only), else None."""
 
     source: str  # the behaviors file, for messages
     impression_id: np.ndarray  # object (str) [n], as written
@@ -201,32 +201,26 @@ class Listing:
         return len(self.impression_id)
 
 
-def _listing(frame: pl.DataFrame, source: str) -> Listing:
-    """A listing frame (``mind.impression_listing`` or the artifact's) → Listing; DataError naming
-    the behaviors line whose impression id or candidate list cannot be read."""
-    unreadable = frame["impression_id"].is_null() | frame["candidate_ids"].is_null()
+def _make_listing(source: str, *, impression_id: pl.Series, line_no: np.ndarray, counts: np.ndarray,
+                  readable: np.ndarray, candidates: np.ndarray | None = None, rows: np.ndarray | None = None,
+                  labels: np.ndarray | None = None) -> Listing:
+    """A Listing, or DataError naming the first behaviors line whose impression id or candidate
+    list cannot be read (``readable`` bool [n])."""
+    unreadable = impression_id.is_null().to_numpy() | ~readable
     if unreadable.any():
-        bad = frame.filter(unreadable).row(0, named=True)
-        what = "no impression id" if bad["impression_id"] is None else (
-            f"impression {bad['impression_id']}: no candidate list can be read (expected 5 tab-separated "
+        first = int(np.argmax(unreadable))
+        what = "no impression id" if impression_id[first] is None else (
+            f"impression {impression_id[first]}: no candidate list can be read (expected 5 tab-separated "
             f"columns, the last listing news ids)")
         more = int(unreadable.sum()) - 1
         raise DataError(source, f"{what}; a leaderboard file answers every impression line, so this one "
                                 f"must be fixed (and the split ingested again)"
                         + (f" ({more} more such line{'s' if more != 1 else ''})" if more else ""),
-                        int(bad["line_no"]))
-    lengths = frame["candidate_ids"].list.len().to_numpy().astype(np.int64)
-    offsets = np.zeros(len(frame) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    candidates = rows = labels = None
-    if "candidates" in frame.columns:
-        candidates = frame["candidates"].explode().to_numpy().astype(np.int32)[:offsets[-1]] \
-            if offsets[-1] else np.zeros(0, np.int32)
-        rows = frame["row"].fill_null(-1).to_numpy().astype(np.int64)
-    if "labels" in frame.columns and frame["labels"].null_count() == 0:
-        labels = frame["labels"].explode().to_numpy().astype(np.int8) if offsets[-1] else np.zeros(0, np.int8)
-    return Listing(source=source, impression_id=np.array(frame["impression_id"].to_list(), dtype=object),
-                   line_no=frame["line_no"].to_numpy().astype(np.int64), candidate_offsets=offsets,
+                        int(line_no[first]))
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return Listing(source=source, impression_id=np.array(impression_id.to_list(), dtype=object),
+                   line_no=np.asarray(line_no, dtype=np.int64), candidate_offsets=offsets,
                    candidates=candidates, rows=rows, labels=labels)
 
 
@@ -234,7 +228,12 @@ def artifact_listing(dataset: Any, split: str) -> Listing:
     """The artifact's listing of ``split`` (every line of the behaviors.tsv it was ingested from)."""
     source = (dataset.manifest.get("sources", {}).get(split, {}).get("files", {})
               .get("behaviors.tsv", {}).get("path", f"{split} behaviors.tsv"))
-    return _listing(dataset.listing(split), source)
+    frame = dataset.listing(split)
+    counts = frame["candidates"].list.len().fill_null(0).to_numpy().astype(np.int64)
+    flat = frame["candidates"].explode().drop_nulls().to_numpy().astype(np.int32)
+    return _make_listing(source, impression_id=frame["impression_id"], line_no=frame["line_no"].to_numpy(),
+                         counts=counts, readable=frame["candidates"].is_not_null().to_numpy() & (counts > 0),
+                         candidates=flat, rows=frame["row"].fill_null(-1).to_numpy().astype(np.int64))
 
 
 def behaviors_listing(path: str | Path) -> Listing:
@@ -247,7 +246,10 @@ def behaviors_listing(path: str | Path) -> Listing:
         source = mind.SourceFile(container=path.parent, member=None, name=path.name)
     else:
         source = mind.locate_split(path).behaviors
-    return _listing(mind.read_impression_listing(source), source.label)
+    raw = mind.read_impression_listing(source)
+    return _make_listing(source.label, impression_id=raw.frame["impression_id"],
+                         line_no=raw.frame["line_no"].to_numpy(), counts=raw.candidate_counts,
+                         readable=raw.candidate_counts > 0, labels=raw.labels)
 
 
 def recorded_behaviors(dataset: Any, split: str) -> Path:
