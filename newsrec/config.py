@@ -253,7 +253,11 @@ class Config:
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as saved beside outputs; the admin token (a secret, read by `serve` from
+        its command) is never written."""
+        raw = self.to_dict()
+        raw["serve"]["admin_token"] = ""
+        return yaml.safe_dump(raw, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,3 +127,18 @@ def test_prometheus_metrics(serving_dirs):  # noqa: F811
         other_got = _samples(other.get("/metrics").text)
         assert ("newsrec_requests_total", rec + (("status", "200"),)) not in other_got
         assert client.get("/metrics.json").json()["endpoints"]["POST /recommend"]["requests"] == 4
+
+
+def test_serve_cli_refuses_open_writes_off_loopback(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from newsrec.cli import main
+    from newsrec.config import config_from_dict
+
+    monkeypatch.delenv("NEWSREC_ADMIN_TOKEN", raising=False)
+    r = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "m"), "--index", str(tmp_path / "i"),
+                                  "--host", "0.0.0.0"])
+    assert r.exit_code == 1
+    assert "error: serving on 0.0.0.0 without an admin token" in r.output and "--allow-open-writes" in r.output
+    # the token never reaches a saved config
+    assert "s3cret" not in config_from_dict({"serve": {"admin_token": "s3cret"}}).to_yaml()

@@ -106,6 +106,9 @@ def start_run(tracking_cfg: TrackingConfig, *, run_name: str, nested: bool = Fal
                         tracking_uri=mlflow.get_tracking_uri())
 
 
+SECRET_PARAMS = ("serve.admin_token",)  # logged as "***" when set
+
+
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
     return text[:6000]
@@ -114,7 +117,8 @@ def _param_value(value: Any) -> str:
 def log_params(params: dict[str, Any]) -> None:
     mlflow = _active_mlflow()
     if mlflow is not None and params:
-        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        mlflow.log_params({k: "***" if k in SECRET_PARAMS and v else _param_value(v)
+                           for k, v in params.items()})
 
 
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
