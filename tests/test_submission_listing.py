@@ -179,3 +179,17 @@ def test_raw_listing_chunks_and_labels(tmp_path):
     (tmp_path / "p.txt").write_text(text)
     check = check_submission(tmp_path / "p.txt", listing)
     assert check.metrics == compute_metrics(want_labels, 1.0 / ranks, listing.candidate_offsets)
+
+
+def test_an_artifact_without_the_listing_says_to_ingest_again(setup, tmp_path):
+    import shutil
+
+    from newsrec.errors import ArtifactError
+
+    _, _, dataset, model_dir = setup
+    old = tmp_path / "old"
+    shutil.copytree(dataset.root, old)
+    (old / "submission-test.parquet").unlink()
+    with pytest.raises(ArtifactError, match=r"no submission-test.parquet .*run `newsrec ingest` again"):
+        submit(model_dir, old, out=tmp_path / "p.zip", split="test", show_progress=False)
+    assert not (tmp_path / "p.zip").exists()
