@@ -43,13 +43,6 @@ class PipelineResult:
         return format_table(self.table)
 
 
-def run_pipeline(config_path: str | Path, *, overrides: tuple[str, ...] = (), force: bool = False,
-                 echo: Callable[[str], None] = print) -> PipelineResult:
-    """Run the pipeline described by ``config_path`` (its ``pipeline`` section says what runs)."""
-    config = load_config(config_path, overrides)
-    return run(config, force=force, echo=echo)
-
-
 def run(config: Config, *, force: bool = False, echo: Callable[[str], None] = print) -> PipelineResult:
     from newsrec.train import tracking
 

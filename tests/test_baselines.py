@@ -88,7 +88,20 @@ def write_tiny_artifact(root, behaviors=TINY_BEHAVIORS, news=TINY_NEWS):
             "time": [T0 + dt.timedelta(minutes=r[2]) for r in rows], "history": [r[3] for r in rows],
             "candidates": [[n for n, _ in r[4]] for r in rows], "labels": [[y for _, y in r[4]] for r in rows],
         }, schema=schema.BEHAVIORS_SCHEMA).write_parquet(root / schema.behaviors_file(split))
-    write_json(root / schema.MANIFEST, {"schema_version": schema.SCHEMA_VERSION, "name": "tiny"})
+        # the raw behaviors.tsv these rows stand for, and ingest's listing of its lines (submissions)
+        raw = root / "raw" / split
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "behaviors.tsv").write_text("".join(
+            f"{i}\t{r[1]}\t11/10/2019 9:00:00 AM\t{' '.join(f'N{h}' for h in r[3])}\t"
+            + " ".join(f"N{n}-{y}" for n, y in r[4]) + "\n" for i, r in enumerate(rows, start=1)))
+        pl.DataFrame({"line_no": np.arange(1, len(rows) + 1), "impression_id": [str(i) for i in range(1, len(rows) + 1)],
+                      "row": np.arange(len(rows)), "candidates": [[n for n, _ in r[4]] for r in rows]},
+                     schema=schema.LISTING_SCHEMA).write_parquet(root / schema.listing_file(split))
+    sources = {split: {"path": str(root / "raw" / split),
+                       "files": {"behaviors.tsv": {"path": str(root / "raw" / split / "behaviors.tsv")}}}
+               for split in ("train", "dev")}
+    write_json(root / schema.MANIFEST, {"schema_version": schema.SCHEMA_VERSION, "name": "tiny",
+                                        "sources": sources})
     return DatasetArtifact(root)
 
 

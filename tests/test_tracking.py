@@ -77,6 +77,14 @@ def test_logged_model_loads_back_and_scores_like_the_model_dir(trained):
         [MlflowClient(tracking_uri=uri).get_experiment_by_name("unit").experiment_id])[0]
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert pyfunc.metadata.signature is not None
+    # the logged input example scores through the loaded model (what `mlflow models serve` checks)
+    from mlflow.models import Model
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model")
+    example = Model.load(local).load_input_example(local)
+    assert list(example.columns) == ["history", "candidates"] and len(example) == 1
+    example_scores = pyfunc.predict(example)["scores"][0]
+    assert len(example_scores) == len(example["candidates"][0].split()) == 3
+    assert np.isfinite(example_scores).all()
     dataset = open_dataset(data)
     dev = dataset.impressions("dev")
     ids = dataset.news_idx_to_id

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from newsrec.cli import config_options, main, model_option as _MODEL
+from newsrec.cli import config_options, main, model_option
 from newsrec.errors import ConfigError
 from newsrec.eval.baselines import BASELINES
 
@@ -108,35 +108,43 @@ def _evaluate_baseline(baseline: str, data_dir: str, split: str, out_path: str |
               help="MODEL_DIR written by `newsrec train` (to write a submission).")
 @_BASELINE
 @_RERANKER
-@_DATA
+@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
+              help="Dataset artifact folder written by `newsrec ingest` (with --check: where the "
+                   "behaviors source of --split is recorded).")
 @click.option("--split", default="test", show_default=True, help="Split whose impressions are ranked.")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
               help="Submission to write, e.g. prediction.zip (prediction.txt at its root).")
 @click.option("--check", "check_path", default=None, type=click.Path(dir_okay=False),
-              help="Validate an existing prediction.zip / prediction.txt against the split instead.")
+              help="Validate an existing prediction.zip / prediction.txt against the behaviors file "
+                   "instead.")
+@click.option("--behaviors", "behaviors_path", default=None, type=click.Path(exists=True),
+              help="With --check: the behaviors.tsv (or its split folder/zip) to check against "
+                   "(default: the source of --split recorded in --data by ingest).")
 @_DEVICE
 @config_options
-def submit_command(model_dir: str | None, baseline: str | None, reranker_dir: str | None, data_dir: str,
-                   split: str, out_path: str | None, check_path: str | None, device: str | None,
-                   config_path: str | None, overrides: tuple[str, ...]) -> None:
+def submit_command(model_dir: str | None, baseline: str | None, reranker_dir: str | None, data_dir: str | None,
+                   split: str, out_path: str | None, check_path: str | None, behaviors_path: str | None,
+                   device: str | None, config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Write (or --check) a MIND leaderboard submission: `ImpressionID [r1,r2,...]` per impression."""
     if check_path is not None:
         if model_dir or baseline or out_path or config_path or overrides:
             raise click.UsageError("--check validates an existing file: do not combine it with "
                                    "--model/--baseline/--out/-c/-o")
-        from newsrec.data.artifact import DatasetArtifact
-        from newsrec.eval.submission import check_submission
+        if behaviors_path is None and data_dir is None:
+            raise click.UsageError("--check needs --behaviors PATH or --data DIR (whose ingest source is used)")
+        from newsrec.eval.submission import check_against_behaviors
 
-        impressions = DatasetArtifact(data_dir).impressions(split)
-        check = check_submission(check_path, impressions)
+        check = check_against_behaviors(check_path, behaviors=behaviors_path, data_dir=data_dir, split=split)
         click.echo(f"{check.source}: valid ({check.impressions} impressions, {check.candidates} candidates, "
-                   f"split '{split}')")
+                   f"checked against {check.behaviors})")
         if check.metrics is not None:
             click.echo(f"local metrics (score = 1/rank): {_metrics_line(check.metrics)}")
         return
-    if not (model_dir or baseline) or not out_path:
-        raise click.UsageError("give --model (or --baseline) and --out to write a submission, or --check FILE "
-                               "to validate one")
+    if behaviors_path is not None:
+        raise click.UsageError("--behaviors goes with --check")
+    if not (model_dir or baseline) or not out_path or not data_dir:
+        raise click.UsageError("give --model (or --baseline), --data and --out to write a submission, or "
+                               "--check FILE to validate one")
     _model_or_baseline(model_dir, baseline, reranker_dir, config_path, overrides, device)
     if baseline is not None:
         from newsrec.config import load_config
@@ -150,12 +158,15 @@ def submit_command(model_dir: str | None, baseline: str | None, reranker_dir: st
         result = submit(model_dir, data_dir, out=out_path, split=split, reranker=reranker_dir, device=device)
     click.echo(f"{result.out}: {result.impressions} impressions, {result.candidates} candidates "
                f"(split '{split}', validated)")
+    if result.missing_news or result.rowless:
+        click.echo(f"{result.missing_news} candidate(s) absent from news.tsv ranked last; "
+                   f"{result.rowless} impression(s) ingest kept no row for scored as users without history")
     if result.metrics is not None:
         click.echo(f"local metrics (score = 1/rank): {_metrics_line(result.metrics)}")
 
 
 @main.command("score")
-@_MODEL
+@model_option
 @_DATA
 @click.option("--out", "out_path", required=True, type=click.Path(),
               help="Output folder, e.g. scores.parquet (part-XXXXX.parquet files + a manifest).")

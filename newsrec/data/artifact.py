@@ -181,6 +181,17 @@ class DatasetArtifact:
             raise ArtifactError(f"{self.root}: no '{split}' split (has: {', '.join(self.splits) or 'none'})")
         return schema.check_frame(pl.read_parquet(path), schema.BEHAVIORS_SCHEMA, path)
 
+    def listing(self, split: str) -> pl.DataFrame:
+        """Every impression line of the split's behaviors.tsv (``schema.LISTING_SCHEMA``): what a
+        leaderboard file answers, whatever ingest dropped."""
+        path = self.root / schema.listing_file(split)
+        if not path.is_file():
+            self.behaviors(split)  # names the splits the artifact has
+            raise ArtifactError(f"{self.root}: no {schema.listing_file(split)} (the listing of every "
+                                f"impression line, written by `newsrec ingest` since it checks "
+                                f"submissions against the file); run `newsrec ingest` again")
+        return schema.check_frame(pl.read_parquet(path), schema.LISTING_SCHEMA, path)
+
     @functools.lru_cache(maxsize=3)
     def impressions(self, split: str) -> Impressions:
         df = self.behaviors(split)

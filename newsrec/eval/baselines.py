@@ -344,17 +344,10 @@ def evaluate_baseline(name: str, data_dir: str | Path, *, split: str = "dev", ou
 
 def submit_baseline(name: str, data_dir: str | Path, *, out: str | Path, split: str = "test",
                     config: BaselineConfig | None = None) -> SubmitResult:
-    """``newsrec submit --baseline NAME``: rank every impression of ``split`` by the baseline and
-    write the leaderboard file (validated, atomic)."""
-    from newsrec.eval.submission import SubmitResult, write_submission
+    """``newsrec submit --baseline NAME``: rank every impression line of ``split``'s behaviors file
+    by the baseline and write the leaderboard file (validated, atomic)."""
+    from newsrec.eval.submission import submit_listing
 
     dataset = DatasetArtifact(data_dir)
-    impressions = dataset.impressions(split)
-    scored = baseline_scores(name, dataset, impressions, config)
-    ranks = write_submission(out, impression_ids=impressions.impression_id, scores=scored.scores,
-                             candidate_offsets=impressions.candidate_offsets)
-    metrics = None
-    if impressions.labels is not None:
-        metrics = M.metrics_from_ranks(impressions.labels, ranks, impressions.candidate_offsets)
-    return SubmitResult(out=Path(out), impressions=len(impressions),
-                        candidates=int(impressions.candidate_offsets[-1]), metrics=metrics)
+    return submit_listing(dataset, split, out=out,
+                          score=lambda impressions: baseline_scores(name, dataset, impressions, config).scores)

@@ -15,6 +15,7 @@ exactly (same remaining batches, same RNG, same optimizer and schedule).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import random
@@ -28,13 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from newsrec.config import Config
+from newsrec.config import Config, apply_dataset
 from newsrec.data.artifact import DatasetArtifact, Impressions, open_dataset
 from newsrec.data.schema import MANIFEST
 from newsrec.errors import ArtifactError, ConfigError
 from newsrec.train import checkpoint, distributed, tracking
 from newsrec.train.batching import Batch, BatchBuilder
 from newsrec.utils.progress import progress
+
+log = logging.getLogger("newsrec.train")
 
 CHECKPOINT_DIR = "checkpoints"
 # Settings a resumed run must share with the run that wrote the checkpoint (others, such as
@@ -181,6 +184,14 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
     tc = config.train
     _seed_everything(tc.seed)
     dataset = open_dataset(data_dir)
+    config = apply_dataset(config, dataset.manifest, artifact=str(data_dir))  # what the dataset fixes
+    if tc.bf16:
+        pays, why = distributed.bf16_pays(ctx.device)
+        if not pays:  # the saved config records what was used
+            if ctx.is_main:
+                log.warning(why)
+            config = dataclasses.replace(config, train=dataclasses.replace(tc, bf16=False))
+            tc = config.train
     if "train" not in dataset.splits:
         raise ArtifactError(f"{data_dir}: no train split to learn from; ingest one with --train")
     category, subcategory = dataset.news_categories
