@@ -113,7 +113,7 @@ class TrainConfig:
         unknown = [n for n in names if n not in ("train", "dev", "test")]
         if not names or unknown or len(set(names)) != len(names):
             raise ConfigError(f"train.fit_splits={self.fit_splits!r}: expected distinct split names "
-                              f"from train, dev separated by commas (e.g. train,dev)")
+                              f"(train, dev, test) separated by commas, e.g. train,dev")
 
     @property
     def fit_split_names(self) -> list[str]:

@@ -96,9 +96,16 @@ def test_holdout_is_exactly_the_latest_impressions_and_disjoint_from_training(sh
     assert (d["holdout_impressions"], d["train_impressions"]) == (len(held), len(kept))
     assert d["fit_splits"] == splits and d["selection"] == "holdout"
     assert d["holdout_time_from"] == str(np.datetime_as_string(log.holdout.time.min(), "s"))
-    # labels travel with their rows
-    for i in range(len(log.holdout)):
-        assert len(log.holdout.labels_of(i)) == len(log.holdout.candidates_of(i))
+    # candidates, labels and histories travel with their rows
+    for part in (log.holdout, log.train):
+        for i in range(len(part)):
+            src = next(dataset.impressions(s) for s in splits
+                       if np.any((dataset.impressions(s).impression_id == part.impression_id[i])
+                                 & (dataset.impressions(s).time == part.time[i])))
+            j = int(np.flatnonzero((src.impression_id == part.impression_id[i]) & (src.time == part.time[i]))[0])
+            assert np.array_equal(part.candidates_of(i), src.candidates_of(j))
+            assert np.array_equal(part.labels_of(i), src.labels_of(j))
+            assert np.array_equal(part.history_of(i), src.history_of(j))
 
 
 def test_holdout_fraction_zero_keeps_every_row_for_training(shuffled):
