@@ -88,9 +88,12 @@ class TrainConfig:
     num_workers: int = 1  # batch-building threads off the main thread (0 = inline)
     log_every_steps: int = 50
     checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch
-    early_stopping_patience: int = 2  # epochs without dev AUC gain before stopping
+    early_stopping_patience: int = 2  # epochs without held-out AUC gain before stopping
     eval_batch_size: int = 1024
-    dev_max_impressions: int = 0  # 0 = whole dev split for per-epoch evaluation
+    dev_max_impressions: int = 0  # 0 = whole dev split for the per-epoch report (never selects)
+    fit_splits: str = "train"  # comma-separated labelled splits whose union is the fit log, e.g. "train,dev"
+    holdout_fraction: float = 0.1  # latest share (by time) of the fit log held out to pick the best
+    #                                epoch and early-stop; 0 = no selection, the last epoch is kept
     bucket_size: int = 64  # pad the unique-news count of a batch up to a multiple of this
     num_threads: int = 0  # torch intra-op threads (0 = every core of this process's share of the
     #                       machine; the batch-building threads are light)
@@ -103,6 +106,19 @@ class TrainConfig:
         _choice(self, "device", ("cpu", "cuda", "auto"))
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError(f"train.holdout_fraction={self.holdout_fraction} must be in [0, 1) "
+                              f"(0 = no held-out selection)")
+        names = self.fit_split_names
+        unknown = [n for n in names if n not in ("train", "dev", "test")]
+        if not names or unknown or len(set(names)) != len(names):
+            raise ConfigError(f"train.fit_splits={self.fit_splits!r}: expected distinct split names "
+                              f"(train, dev, test) separated by commas, e.g. train,dev")
+
+    @property
+    def fit_split_names(self) -> list[str]:
+        """``fit_splits`` as a list, in the order given."""
+        return [n.strip() for n in self.fit_splits.split(",") if n.strip()]
 
 
 @dataclass

@@ -94,7 +94,12 @@ def _run_stages(config: Config, root: Path, runner: StageRunner, echo: Callable[
                fn=lambda: _info(ingest(config, out_dir=data_dir, **splits)))
     paths["dataset"] = data_dir
 
-    # ---- first stage and its baseline; fit starts its own (nested) MLflow run
+    # ---- first stage and its baseline; fit starts its own (nested) MLflow run. The models of the
+    # dev comparison fit on train alone; with train.fit_splits beyond train (e.g. train,dev, as
+    # leaderboard entrants do) a final model fits on those splits and serves index, score and submit.
+    final_config = config
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, fit_splits="train"))
+    refit = final_config.train.fit_split_names != ["train"]
     train_settings = _settings(config, "data", "model", "train")
     model_dir = root / "models" / "fastformer"
     runner.run("train", output=model_dir, inputs=[data_dir], settings=train_settings, tracked=False,
@@ -130,6 +135,20 @@ def _run_stages(config: Config, root: Path, runner: StageRunner, echo: Callable[
                    fn=lambda mdir=mdir, rdir=rdir, out=out: _eval_info(
                        evaluate(mdir, data_dir, split="dev", out=out, reranker=rdir)))
     paths["metrics"] = metrics_dir
+
+    if refit:  # the final model (and its re-ranker) on every split of train.fit_splits
+        final_dir = root / "models" / "fastformer_final"
+        runner.run("train_final", output=final_dir, inputs=[data_dir], tracked=False,
+                   settings=_settings(final_config, "data", "model", "train"),
+                   fn=lambda: _fit_info(fit(final_config, data_dir=data_dir, out_dir=final_dir)))
+        model_dir = paths["final_model"] = final_dir
+        if pcfg.rerank:
+            final_reranker = root / "models" / "reranker_final"
+            runner.run("rerank_final", output=final_reranker, inputs=[data_dir, final_dir], tracked=False,
+                       settings=_settings(final_config, "rerank"),
+                       fn=lambda: _info(fit_reranker(final_config, retriever_dir=final_dir, data_dir=data_dir,
+                                                     out_dir=final_reranker)))
+            reranker_dir = paths["final_reranker"] = final_reranker
 
     # ---- serving index, batch scores, leaderboard file
     index_dir = root / "index"
@@ -286,6 +305,10 @@ def report(result: PipelineResult, config: Config | None = None) -> str:
         f"scores     : {result.paths.get('scores')}",
         f"index      : {result.paths.get('index')}",
         f"models     : {result.paths.get('model')}" + (f", {result.paths['reranker']}" if "reranker" in result.paths else ""),
+        *([f"final      : {result.paths['final_model']}"
+           + (f", {result.paths['final_reranker']}" if "final_reranker" in result.paths else "")
+           + " (fit on train.fit_splits; index, scores and submission use it)"]
+          if "final_model" in result.paths else []),
         f"stages     : {len(ran)} ran, {len(skipped)} skipped (unchanged) in {result.seconds:.0f} s",
         f"MLflow UI  : mlflow ui --backend-store-uri {tracking_uri}",
     ]

@@ -52,7 +52,10 @@ def test_cli_run_logs_params_metrics_and_artifacts(trained):
     assert [m.step for m in dev_auc] == sorted(m.step for m in dev_auc) and len(dev_auc) == 2
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert len(losses) >= 2 and all(np.isfinite(m.value) for m in losses)
-    assert run.data.metrics["best_dev_auc"] == pytest.approx(max(m.value for m in dev_auc))
+    holdout_auc = client.get_metric_history(run.info.run_id, "holdout_auc")
+    best = max(holdout_auc, key=lambda m: (m.value, -m.step))  # the first epoch of the best held-out AUC
+    assert run.data.metrics["best_holdout_auc"] == pytest.approx(best.value)
+    assert run.data.metrics["best_dev_auc"] == pytest.approx(next(m.value for m in dev_auc if m.step == best.step))
     for key in ("dev_mrr", "dev_ndcg_at_5", "dev_ndcg_at_10"):
         assert key in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
