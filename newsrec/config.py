@@ -105,6 +105,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
 
 
+RERANK_USE = ("auto", "always", "never")  # rerank.use: follow the guard, or force either stage
+
+
 @dataclass
 class RerankConfig:
     """Second stage: candidate-aware Fastformer re-ranker with popularity/freshness/retrieval signals."""
@@ -118,7 +121,16 @@ class RerankConfig:
     npratio: int = 4  # impression non-clicks drawn per click, afresh each epoch
     hard_negatives: int = 4  # retrieved non-clicked news added per training sample
     hard_negative_pool: int = 50  # hard negatives are drawn from the first stage's top this-many
-    max_train_impressions: int = 0  # 0 = every train impression; else the most recent this-many
+    max_train_impressions: int = 0  # 0 = every impression of the re-ranker's slice; else its most recent this-many
+    train_fraction: float = 0.3  # the latest share of the train log the re-ranker learns from (by time);
+    #                              its first-stage scores come from a first stage fit on the rest
+    guard_fraction: float = 0.3  # the latest share of that slice held out: epoch selection and the guard
+    refit_first_stage: bool = True  # fit a first stage (the retriever's config) on the train log before
+    #                                 the slice for out-of-sample scores; false: use the retriever's own
+    #                                 scores (right only when it never trained on the slice)
+    guard_auc_margin: float = 0.0  # two-stage wins its guard when AUC >= first stage + this ...
+    guard_ndcg_tolerance: float = 0.002  # ... and nDCG@10 >= first stage - this
+    use: str = "auto"  # where a re-ranker is given: "auto" (only if it won its guard) | "always" | "never"
     epochs: int = 2
     batch_size: int = 64
     lr: float = 1e-3
@@ -137,6 +149,11 @@ class RerankConfig:
             raise ConfigError(f"rerank.dropout={self.dropout} must be in [0, 1)")
         if self.lr <= 0:
             raise ConfigError(f"rerank.lr={self.lr} must be > 0")
+        for name in ("train_fraction", "guard_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"rerank.{name}={getattr(self, name)} must be in (0, 1)")
+        _non_negative(self, "guard_ndcg_tolerance")
+        _choice(self, "use", RERANK_USE)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from newsrec.cli import main, model_option as _MODEL
+from newsrec.config import RERANK_USE
 
 _DEVICE = click.option("--device", default=None, type=click.Choice(["cpu", "cuda", "auto"]),
                        help="Where to run the model (default: the model's train.device).")
@@ -11,6 +12,9 @@ _DATA = click.option("--data", "data_dir", required=True, type=click.Path(file_o
                      help="Dataset artifact folder written by `newsrec ingest`.")
 _RERANKER = click.option("--reranker", "reranker_dir", default=None, type=click.Path(file_okay=False),
                          help="RERANKER_DIR trained on this model: score with both stages.")
+_RERANK_USE = click.option("--rerank", "rerank_use", default=None, type=click.Choice(RERANK_USE),
+                           help="With --reranker: auto uses it only where it beat the first stage on its "
+                                "held-out slice; always/never force either (default: its rerank.use).")
 
 
 def _metrics_line(metrics: dict) -> str:
@@ -21,6 +25,7 @@ def _metrics_line(metrics: dict) -> str:
 @main.command("evaluate")
 @_MODEL
 @_RERANKER
+@_RERANK_USE
 @_DATA
 @click.option("--split", default="dev", show_default=True, help="Labelled split to evaluate.")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
@@ -30,14 +35,17 @@ def _metrics_line(metrics: dict) -> str:
                    "unless the fast path agrees to 1e-5.")
 @click.option("--no-mlflow", is_flag=True, help="Do not log the metrics to MLflow.")
 @_DEVICE
-def evaluate_command(model_dir: str, reranker_dir: str | None, data_dir: str, split: str,
-                     out_path: str | None, check_slow: int, no_mlflow: bool, device: str | None) -> None:
+def evaluate_command(model_dir: str, reranker_dir: str | None, rerank_use: str | None, data_dir: str,
+                     split: str, out_path: str | None, check_slow: int, no_mlflow: bool,
+                     device: str | None) -> None:
     """AUC, MRR, nDCG@5, nDCG@10 on a labelled split, with history-length and cold-news breakdowns."""
     from newsrec.eval.evaluate import evaluate
 
     result = evaluate(model_dir, data_dir, split=split, out=out_path, reranker=reranker_dir,
-                      check_slow=check_slow, device=device, log_to_mlflow=not no_mlflow)
+                      rerank_use=rerank_use, check_slow=check_slow, device=device, log_to_mlflow=not no_mlflow)
     m = result.metrics
+    if m.get("rerank_decision"):
+        click.echo(m["rerank_decision"])
     click.echo(f"{split}: {m['impressions']} impressions, {m['candidates']} candidates "
                f"({m['no_click']} without a click, {m['no_nonclick']} without a non-click: not in the AUC mean)")
     click.echo(result.table())
@@ -58,6 +66,7 @@ def evaluate_command(model_dir: str, reranker_dir: str | None, data_dir: str, sp
 @click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False),
               help="MODEL_DIR written by `newsrec train` (to write a submission).")
 @_RERANKER
+@_RERANK_USE
 @_DATA
 @click.option("--split", default="test", show_default=True, help="Split whose impressions are ranked.")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
@@ -65,8 +74,8 @@ def evaluate_command(model_dir: str, reranker_dir: str | None, data_dir: str, sp
 @click.option("--check", "check_path", default=None, type=click.Path(dir_okay=False),
               help="Validate an existing prediction.zip / prediction.txt against the split instead.")
 @_DEVICE
-def submit_command(model_dir: str | None, reranker_dir: str | None, data_dir: str, split: str,
-                   out_path: str | None, check_path: str | None, device: str | None) -> None:
+def submit_command(model_dir: str | None, reranker_dir: str | None, rerank_use: str | None, data_dir: str,
+                   split: str, out_path: str | None, check_path: str | None, device: str | None) -> None:
     """Write (or --check) a MIND leaderboard submission: `ImpressionID [r1,r2,...]` per impression."""
     if check_path is not None:
         if model_dir or out_path:
@@ -85,7 +94,10 @@ def submit_command(model_dir: str | None, reranker_dir: str | None, data_dir: st
         raise click.UsageError("give --model and --out to write a submission, or --check FILE to validate one")
     from newsrec.eval.submission import submit
 
-    result = submit(model_dir, data_dir, out=out_path, split=split, reranker=reranker_dir, device=device)
+    result = submit(model_dir, data_dir, out=out_path, split=split, reranker=reranker_dir,
+                    rerank_use=rerank_use, device=device)
+    if result.rerank_decision:
+        click.echo(result.rerank_decision)
     click.echo(f"{result.out}: {result.impressions} impressions, {result.candidates} candidates "
                f"(split '{split}', validated)")
     if result.metrics is not None:

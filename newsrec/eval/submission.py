@@ -189,13 +189,15 @@ class SubmitResult:
     impressions: int
     candidates: int
     metrics: dict[str, Any] | None  # local metrics from the ranks when the split is labelled
+    rerank_decision: str | None = None  # with a re-ranker: whether it was used, and why
 
 
 def submit(model_dir: str | Path, data_dir: str | Path, *, out: str | Path, split: str = "test",
-           reranker: str | Path | None = None, device: str | None = None,
+           reranker: str | Path | None = None, rerank_use: str | None = None, device: str | None = None,
            show_progress: bool = True) -> SubmitResult:
     """The ``newsrec submit`` stage: score every impression of ``split`` (fast path, plus the
-    re-ranker when given), rank, validate and write ``out`` (prediction.zip) atomically."""
+    re-ranker when given and ``rerank_use`` allows), rank, validate and write ``out``
+    (prediction.zip) atomically."""
     from newsrec.eval.evaluate import load_for_inference, rerank_scores, score_impressions
 
     inputs = load_for_inference(model_dir, data_dir, device=device)
@@ -203,12 +205,16 @@ def submit(model_dir: str | Path, data_dir: str | Path, *, out: str | Path, spli
     scores = score_impressions(inputs.model, inputs.dataset, impressions, history_len=inputs.history_len,
                                batch_size=inputs.batch_size, device=inputs.device,
                                show_progress=show_progress)
+    decision = None
     if reranker is not None:
-        scores = rerank_scores(reranker, inputs, impressions, scores, show_progress=show_progress)
+        two_stage = rerank_scores(reranker, inputs, impressions, scores, use=rerank_use,
+                                  show_progress=show_progress)
+        scores, decision = two_stage.scores, two_stage.decision
     ranks = write_submission(out, impression_ids=impressions.impression_id, scores=scores,
                              candidate_offsets=impressions.candidate_offsets)
     metrics = None
     if impressions.labels is not None:
         metrics = metrics_from_ranks(impressions.labels, ranks, impressions.candidate_offsets)
     return SubmitResult(out=Path(out), impressions=len(impressions),
-                        candidates=int(impressions.candidate_offsets[-1]), metrics=metrics)
+                        candidates=int(impressions.candidate_offsets[-1]), metrics=metrics,
+                        rerank_decision=decision)
