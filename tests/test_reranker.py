@@ -621,3 +621,95 @@ def test_fresh_news_get_the_prior_mean_and_their_age(trained):
         loaded.rerank(np.array([1]), np.array([n + 50]), np.array([0.0]))
     with pytest.raises(NewsrecError, match="need news_idx >"):
         loaded.add_news(np.array([1]), vec[:1], first_seen=added)
+
+
+# ------------------------------------------------------------------------------------------------
+# serving: one clock, one history length
+
+
+class _FakeMonotonic:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture()
+def served(trained, tmp_path):
+    from newsrec.serve.clock import ServiceClock
+    from newsrec.serve.service import Recommender, index_news
+
+    root, _ = trained
+    index_news(root / "model", data_dir=root / "data", out_dir=tmp_path / "index")
+    service = Recommender.load(root / "model", tmp_path / "index", reranker_dir=root / "reranker",
+                               rerank_use="always", serve_cfg=_serve_cfg(batch_max=1))
+    tick = _FakeMonotonic()
+    service.clock = ServiceClock(service.clock.start_seconds, monotonic=tick)
+    return service, tick, tmp_path / "index"
+
+
+def _serve_cfg(**kw):
+    from newsrec.config import ServeConfig
+
+    return ServeConfig(retrieve_k=30, **kw)
+
+
+def test_service_clock_starts_at_the_log_end_and_fresh_news_age(served, trained):
+    from newsrec.serve.service import Recommender
+
+    service, tick, index_dir = served
+    root, _ = trained
+    reranker = service.reranker
+    assert service.rerank_decision.startswith("re-ranker on (rerank.use=always)")
+    assert service.clock.start_seconds == pytest.approx(reranker.log_end())
+    tick.t += 1800.0  # half an hour after start
+    key = service.add_news("FRESH1", "w1 w2 w3", category="a")
+    assert reranker.tables.first_seen[key] == pytest.approx(service.clock.now(), abs=1.0)
+    assert reranker.tables.first_seen[key] >= reranker.log_end()
+
+    def age_hours() -> float:
+        f = reranker.features_for(reranker.totals(), history_idx=np.array([[1]]), history_mask=np.array([[True]]),
+                                  candidate_idx=np.array([[key]]), retrieval_scores=np.zeros((1, 1)),
+                                  now_seconds=np.array([service.clock.now()]))
+        return float(np.expm1(f[0, 0, FEATURE_NAMES.index("log_age_hours")]))
+
+    assert age_hours() == pytest.approx(0.0, abs=1e-3)
+    tick.t += 2 * 3600.0
+    assert age_hours() == pytest.approx(2.0, abs=1e-3)  # it grows with the clock, not clipped at 0
+    rec = service.recommend(history=["N1", "N2"], k=5)
+    assert rec.reranked
+    # after a restart the clock never runs behind a fresh news already added
+    service.save(index_dir)
+    again = Recommender.load(root / "model", index_dir, reranker_dir=root / "reranker", rerank_use="always")
+    assert again.clock.start_seconds >= reranker.tables.first_seen[key] - 1.0
+    assert again.reranker.tables.first_seen[key] == pytest.approx(reranker.tables.first_seen[key], abs=1.0)
+
+
+def test_service_reranks_with_the_history_length_training_used(served):
+    """The user encoder reads data.history_len clicks; the re-ranker reads its own history_len of
+    them — in serving as in training and evaluation, whichever is longer."""
+    service, _, _ = served
+    reranker = service.reranker
+    assert service.history_len == 5
+    reranker.config.rerank.history_len = 9  # longer than the first stage's 5
+    clicks = [f"N{i}" for i in range(1, 13)]
+    captured = {}
+    original = reranker.rerank_many
+
+    def spy(histories, candidates, firsts, nows):
+        captured.update(histories=histories, candidates=candidates, firsts=firsts, nows=nows)
+        return original(histories, candidates, firsts, nows)
+
+    reranker.rerank_many = spy
+    rec = service.recommend(history=clicks, k=5)
+    keys = np.array([service.key_of(c) for c in clicks])
+    np.testing.assert_array_equal(captured["histories"][0], keys)  # every click reaches the re-ranker
+    want = original([keys[-9:]], captured["candidates"], captured["firsts"], captured["nows"])[0]
+    got = {item.news_id: item.score for item in rec.items}
+    for key, score in zip(captured["candidates"][0], want):
+        if service.news_id_of(int(key)) in got:
+            assert got[service.news_id_of(int(key))] == pytest.approx(float(score), rel=1e-5, abs=1e-6)
+    short = original([keys[-5:]], captured["candidates"], captured["firsts"], captured["nows"])[0]
+    assert not np.allclose(short, want)  # the first stage's 5 clicks would have scored otherwise
+    assert rec.history_used == 5

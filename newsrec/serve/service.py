@@ -78,10 +78,10 @@ class _Job:
     to retrieve, the request time (seconds since the epoch, the service's clock)."""
 
     history: np.ndarray
-    clicks: np.ndarray
     exclude: set[int]
     retrieve_k: int
-    now: float
+    now: float | None  # None: the clock's now when the job runs
+    clicks: np.ndarray | None = None  # None: ``history`` is every click
 
 
 @dataclass(frozen=True)
@@ -335,9 +335,9 @@ class Recommender:
                 raise NewsrecError(f"history holds {len(history)} ids, more than serve.max_history="
                                    f"{self.serve_cfg.max_history}")
             history_keys, ignored = self.resolve_history(history, ignore_unknown=ignore_unknown)
-        job = _Job(history=history_keys[-self.history_len:], clicks=history_keys,
-                   exclude=set(history_keys.tolist()), retrieve_k=max(self.serve_cfg.retrieve_k, k),
-                   now=self.clock.now() if now is None else _seconds_of(now))
+        job = _Job(history=history_keys[-self.history_len:], exclude=set(history_keys.tolist()),
+                   retrieve_k=max(self.serve_cfg.retrieve_k, k),
+                   now=self.clock.now() if now is None else _seconds_of(now), clicks=history_keys)
         return _Request(job=job, k=k, ignored=ignored, started=started, prepared=time.perf_counter())
 
     def _finish(self, request: "_Request", found: "_Found") -> Recommendation:
@@ -372,8 +372,9 @@ class Recommender:
             firsts.append(found.scores[b][valid][:job.retrieve_k])
         t2 = time.perf_counter()
         reranked = self.reranker is not None and any(len(c) for c in keys)
-        scores = (self.reranker.rerank_many([job.clicks for job in jobs], keys, firsts,
-                                            [job.now for job in jobs])
+        now = self.clock.now()
+        scores = (self.reranker.rerank_many([job.history if job.clicks is None else job.clicks for job in jobs],
+                                            keys, firsts, [now if job.now is None else job.now for job in jobs])
                   if reranked else firsts)
         t3 = time.perf_counter()
         timings = {"encode_ms": 1e3 * (t1 - t0), "retrieve_ms": 1e3 * (t2 - t1),
