@@ -88,6 +88,34 @@ def test_prefix_counts_exclude_the_impression_itself_and_later_ones():
     np.testing.assert_array_equal(s, [4, 2, 2, 0])
 
 
+def test_event_log_counts_strictly_before_each_moment():
+    """EventLog (labels of part of the log, showings of all of it) against a brute-force count,
+    for moments inside the labelled part, after it, and news it never saw."""
+    from newsrec.inference.features import concat_impressions
+
+    labelled = _impressions(["2019-11-10T08:00:00", "2019-11-10T09:00:00", "2019-11-10T09:00:00"],
+                            [[1, 2], [1, 3], [2]], [[1, 0], [0, 1], [1]])
+    later = _impressions(["2019-11-10T10:00:00", "2019-11-10T11:00:00"], [[1, 4], [2, 4]], [[0, 0], [1, 0]])
+    log = EventLog(labelled, concat_impressions([labelled, later]))
+    events = [(n, t, y, lab) for imps, lab in ((labelled, True), (later, False))
+              for i in range(len(imps)) for n, y in zip(imps.candidates_of(i), imps.labels_of(i))
+              for t in [imps.time[i].astype("datetime64[s]").astype(np.int64)]]
+    news = np.array([[1, 2, 3, 4, 9]] * 5)
+    base = int(np.datetime64("2019-11-10T08:00:00", "s").astype(np.int64))
+    moments = np.array([base - 1, base + 1800, base + 3600, base + 3 * 3600, base + 9 * 3600], dtype=np.float64)
+    clicks, shown_lab, shown = log.counts(news, moments)
+    for b, now in enumerate(moments):
+        for c, n in enumerate(news[b]):
+            before = [e for e in events if e[0] == n and e[1] < now]
+            assert clicks[b, c] == sum(e[2] for e in before if e[3])
+            assert shown_lab[b, c] == sum(1 for e in before if e[3])
+            assert shown[b, c] == len(before)
+    assert log.mean_ctr == pytest.approx(3 / 5)
+    total = log.totals(6)
+    np.testing.assert_array_equal(total[0], [0, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(total[2], [0, 3, 3, 1, 2, 0])
+
+
 # ------------------------------------------------------------------------------------------------
 # features and model
 
@@ -359,7 +387,7 @@ def _slice_log(root: Path):
 
 
 def _training_data(root: Path, loaded, *, hard: bool):
-    from newsrec.inference.features import padded_candidates
+    from newsrec.data.popularity import datetime64_to_seconds
     from newsrec.train.rerank import TrainingData, _with_click, clicked_by_user, retrieve_top
 
     dataset, train, parts, log = _slice_log(root)
@@ -377,8 +405,6 @@ def _training_data(root: Path, loaded, *, hard: bool):
         hard_idx, hard_scores = np.zeros((len(fit), 1), np.int64), np.zeros((len(fit), 1), np.float32)
     samples = np.flatnonzero(fit.labels > 0)
     rows = np.searchsorted(fit.candidate_offsets, samples, side="right") - 1
-    from newsrec.data.popularity import datetime64_to_seconds
-
     return TrainingData(fit, datetime64_to_seconds(fit.time), retrieval, hard_idx, hard_scores, log, samples,
                         rows), log
 
@@ -425,13 +451,12 @@ def test_training_rows_show_exposure_without_labels_and_no_feature_is_constant(t
     """The labels of the re-ranker's log end before its slice: training rows hold news shown since
     (exposure beyond the labelled count) — the combination dev and serving meet. Every feature
     varies over the training rows or is dropped (then it cannot move a score)."""
-    from newsrec.train.rerank import feature_stats
+    from newsrec.train.rerank import feature_stats, training_rows
 
     root, _ = trained
     loaded = load_reranker(root / "reranker")
     data, _ = _training_data(root, loaded, hard=True)
     f = {name: i for i, name in enumerate(FEATURE_NAMES)}
-    from newsrec.train.rerank import training_rows
 
     batch = training_rows(data, loaded, np.arange(len(data.samples)), npratio=4, hard_negatives=2,
                           rng=np.random.default_rng(0))

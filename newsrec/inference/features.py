@@ -131,17 +131,33 @@ def concat_impressions(parts: list[Impressions], split: str = "log") -> Impressi
 class EventLog:
     """What a log tells strictly before any moment: ``labelled`` impressions (their clicks and
     showings; the part of the log whose labels may be used) and ``shown`` impressions (every
-    showing, labelled or not — ``labelled`` is normally part of it)."""
+    showing, labelled or not — ``labelled`` is normally part of it).
+
+    Moments after the labelled part (dev, test, the re-ranker's slice) are answered from its totals
+    plus a running count of the later showings only; a full running count is built the first time
+    a moment inside the labelled part is asked for. Times are whole seconds, as in
+    ``PrefixCounts``: an event at the same second as the moment is not before it."""
 
     def __init__(self, labelled: Impressions, shown: Impressions) -> None:
-        self.labelled = PrefixCounts(labelled)
-        self.shown = PrefixCounts(shown, clicks=False)
-        clicks = int(labelled.labels.sum()) if labelled.labels is not None else 0
-        self.mean_ctr = mean_ctr_of(clicks, len(labelled.candidates))
+        if labelled.labels is None:
+            raise ValueError(f"split '{labelled.split}' has no labels: the labelled log needs them")
         self._labelled = labelled
         self._shown = shown
-        times = [t for t in (labelled.time, shown.time) if len(t)]
-        self.end_seconds = float(max(datetime64_to_seconds(t).max() for t in times)) if times else 0.0
+        self.mean_ctr = mean_ctr_of(int(labelled.labels.sum()), len(labelled.candidates))
+        lab_sec = _whole_seconds(labelled.time)
+        shown_sec = _whole_seconds(shown.time)
+        self.labels_end = int(lab_sec.max()) + 1 if len(lab_sec) else -(1 << 62)  # every label is before
+        ends = [int(t.max()) for t in (lab_sec, shown_sec) if len(t)]
+        self.end_seconds = float(max(ends)) if ends else 0.0
+        size = int(max(labelled.candidates.max(initial=0), shown.candidates.max(initial=0))) + 1
+        self._size = size
+        self._clicks = np.bincount(labelled.candidates, weights=labelled.labels.astype(np.float64),
+                                   minlength=size).astype(np.int64)
+        self._labelled_shown = np.bincount(labelled.candidates, minlength=size).astype(np.int64)
+        early = shown.select(np.flatnonzero(shown_sec < self.labels_end))
+        self._early_shown = np.bincount(early.candidates, minlength=size).astype(np.int64)
+        self._late = PrefixCounts(shown.select(np.flatnonzero(shown_sec >= self.labels_end)), clicks=False)
+        self._full: tuple[PrefixCounts, PrefixCounts] | None = None
 
     @classmethod
     def of_dataset(cls, dataset: DatasetArtifact, opened: dict[str, Impressions] | None = None) -> "EventLog":
@@ -151,19 +167,32 @@ class EventLog:
         return cls(parts["train"], concat_impressions(list(parts.values())))
 
     def counts(self, news_idx: np.ndarray, now_seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        sec = np.floor(np.asarray(now_seconds, dtype=np.float64))[:, None]
-        clicks, labelled = self.labelled.at(news_idx, sec)
-        _, shown = self.shown.at(news_idx, sec)
+        news_idx = np.asarray(news_idx, dtype=np.int64)
+        sec = np.floor(np.asarray(now_seconds, dtype=np.float64)).astype(np.int64)[:, None]
+        known = np.minimum(news_idx, self._size - 1)  # news beyond the log (fresh): no events
+        outside = news_idx >= self._size
+        clicks = np.where(outside, 0, self._clicks[known])
+        labelled = np.where(outside, 0, self._labelled_shown[known])
+        _, late = self._late.at(news_idx, sec)
+        shown = np.where(outside, 0, self._early_shown[known]) + late
+        inside = (sec < self.labels_end)[:, 0]
+        if inside.any():  # a moment within the labelled part: count it event by event
+            if self._full is None:
+                self._full = (PrefixCounts(self._labelled), PrefixCounts(self._shown, clicks=False))
+            c, lab = self._full[0].at(news_idx[inside], sec[inside])
+            _, sh = self._full[1].at(news_idx[inside], sec[inside])
+            clicks[inside], labelled[inside], shown[inside] = c, lab, sh
         return clicks, labelled, shown
 
     def totals(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(clicks, labelled showings, all showings) int64 [size] per news_idx over the whole log."""
-        lab = self._labelled
-        clicks = np.bincount(lab.candidates, weights=lab.labels.astype(np.float64),
-                             minlength=size)[:size].astype(np.int64)
-        labelled = np.bincount(lab.candidates, minlength=size)[:size].astype(np.int64)
-        shown = np.bincount(self._shown.candidates, minlength=size)[:size].astype(np.int64)
-        return clicks, labelled, shown
+        late = np.bincount(self._shown.candidates, minlength=size)[:size].astype(np.int64)
+        pad = max(size - self._size, 0)
+        return (np.pad(self._clicks, (0, pad))[:size], np.pad(self._labelled_shown, (0, pad))[:size], late)
+
+
+def _whole_seconds(times: np.ndarray) -> np.ndarray:
+    return times.astype("datetime64[s]").astype(np.int64)
 
 
 @dataclass
