@@ -55,7 +55,7 @@ def padded_service(model_dir: Path, data_dir: Path, reranker_dir: Path | None, *
     from newsrec.data.artifact import open_dataset
     from newsrec.eval.evaluate import encode_all_news
     from newsrec.models.io import load_model
-    from newsrec.models.reranker import load_reranker
+    from newsrec.inference.rerank import load_reranker
     from newsrec.serve.index import build_index
     from newsrec.serve.service import Recommender
 

@@ -34,7 +34,8 @@ from newsrec.config import load_config  # noqa: E402
 from newsrec.data.artifact import open_dataset  # noqa: E402
 from newsrec.data.popularity import unseen_in_train  # noqa: E402
 from newsrec.models.io import load_model  # noqa: E402
-from newsrec.models.reranker import load_reranker  # noqa: E402
+from newsrec.inference.features import EventLog  # noqa: E402
+from newsrec.inference.rerank import load_reranker  # noqa: E402
 from newsrec.train.rerank import (compare_on_impressions, encode_users, evaluate_retrieved,  # noqa: E402
                                   first_stage_candidate_scores, fit_reranker)
 
@@ -86,6 +87,7 @@ def main() -> None:
     retriever = load_model(args.model)
     reranker = load_reranker(reranker_dir, retriever_dir=args.model)
     payload["rerank_config"] = reranker.config.to_dict()["rerank"]
+    payload["guard"] = reranker.manifest.get("guard")
     rng = np.random.default_rng(args.seed)
     dev_all = dataset.impressions("dev")
     dev = dev_all
@@ -99,7 +101,8 @@ def main() -> None:
     first = first_stage_candidate_scores(retriever.model, users, vectors, dev, batch_size=512)
     first_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    two = reranker.score_impressions(dev, retrieval_scores=first, shown_in=dev_all)
+    log = EventLog.of_dataset(dataset)
+    two = reranker.score_impressions(dev, retrieval_scores=first, log=log)
     rerank_seconds = time.perf_counter() - started
     cold = unseen_in_train(dataset)[dev.candidates]
     on_candidates = compare_on_impressions(dev.labels, dev.candidate_offsets, first, two, cold)
@@ -111,7 +114,7 @@ def main() -> None:
     n_ret = min(args.retrieved_impressions, len(dev_all))
     retrieved_rows = np.sort(rng.choice(len(dev_all), n_ret, replace=False))
     retrieved = evaluate_retrieved(retriever, reranker, dev_all.select(retrieved_rows),
-                                   retrieve_k=args.retrieve_k, shown_in=dev_all)
+                                   retrieve_k=args.retrieve_k, log=log)
     payload["retrieved"] = retrieved
 
     print(f"dev: {len(dev)} impressions, {len(dev.candidates)} candidates "

@@ -121,6 +121,9 @@ class TrainConfig:
         return [n.strip() for n in self.fit_splits.split(",") if n.strip()]
 
 
+RERANK_USE = ("auto", "always", "never")  # rerank.use: follow the guard, or force either stage
+
+
 @dataclass
 class RerankConfig:
     """Second stage: candidate-aware Fastformer re-ranker with popularity/freshness/retrieval signals."""
@@ -134,7 +137,16 @@ class RerankConfig:
     npratio: int = 4  # impression non-clicks drawn per click, afresh each epoch
     hard_negatives: int = 4  # retrieved non-clicked news added per training sample
     hard_negative_pool: int = 50  # hard negatives are drawn from the first stage's top this-many
-    max_train_impressions: int = 0  # 0 = every train impression; else the most recent this-many
+    max_train_impressions: int = 0  # 0 = every impression of the re-ranker's slice; else its most recent this-many
+    train_fraction: float = 0.3  # the latest share of the train log the re-ranker learns from (by time);
+    #                              its first-stage scores come from a first stage fit on the rest
+    guard_fraction: float = 0.3  # the latest share of that slice held out: epoch selection and the guard
+    refit_first_stage: bool = True  # fit a first stage (the retriever's config) on the train log before
+    #                                 the slice for out-of-sample scores; false: use the retriever's own
+    #                                 scores (right only when it never trained on the slice)
+    guard_auc_margin: float = 0.0  # two-stage wins its guard when AUC >= first stage + this ...
+    guard_ndcg_tolerance: float = 0.002  # ... and nDCG@10 >= first stage - this
+    use: str = "auto"  # where a re-ranker is given: "auto" (only if it won its guard) | "always" | "never"
     epochs: int = 2
     batch_size: int = 64
     lr: float = 1e-3
@@ -153,6 +165,11 @@ class RerankConfig:
             raise ConfigError(f"rerank.dropout={self.dropout} must be in [0, 1)")
         if self.lr <= 0:
             raise ConfigError(f"rerank.lr={self.lr} must be > 0")
+        for name in ("train_fraction", "guard_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"rerank.{name}={getattr(self, name)} must be in (0, 1)")
+        _non_negative(self, "guard_ndcg_tolerance")
+        _choice(self, "use", RERANK_USE)
 
 
 @dataclass
@@ -440,6 +457,8 @@ DATASET_FIXED = ("data.title_len", "data.lowercase", "data.min_word_count", "dat
                  "data.on_bad_rows", "data.missing_news")
 MODEL_FIXED_SECTIONS = ("data", "model")
 SERVING_SECTIONS = ("serve", "index")
+# single settings of other sections that a serving command may give too (whether to re-rank)
+SERVING_KEYS = ("rerank.use",)
 
 
 def _with_values(config: Config, values: dict[str, Any]) -> Config:
@@ -485,7 +504,7 @@ def apply_saved_model(given: Config, saved: Config, *, artifact: str,
     theirs = saved.flat()
     for key, value in mine.items():
         section = key.split(".", 1)[0]
-        if section in command_sections or value == defaults[key] or value == theirs[key]:
+        if section in command_sections or key in SERVING_KEYS or value == defaults[key] or value == theirs[key]:
             continue
         if section in MODEL_FIXED_SECTIONS:
             raise ConfigError(f"{key}={value!r}: the model {artifact} was trained with {theirs[key]!r}, "
@@ -494,7 +513,8 @@ def apply_saved_model(given: Config, saved: Config, *, artifact: str,
         raise ConfigError(f"{key}={value!r}: not used here (this command takes "
                           f"{', '.join(s + '.*' for s in command_sections)}; other settings come from "
                           f"the model {artifact})")
-    return _with_values(saved, {k: v for k, v in mine.items() if k.split(".", 1)[0] in command_sections})
+    return _with_values(saved, {k: v for k, v in mine.items()
+                                if k.split(".", 1)[0] in command_sections or k in SERVING_KEYS})
 
 
 def saved_model_config(config_path: str | Path | None, overrides: Iterable[str], model_dir: str | Path,

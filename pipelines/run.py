@@ -131,9 +131,10 @@ def _run_stages(config: Config, root: Path, runner: StageRunner, echo: Callable[
     for name, mdir, rdir in evals:
         out = metrics_dir / f"{_slug(name)}.json"
         inputs = [data_dir, mdir] + ([rdir] if rdir else [])
-        runner.run(f"evaluate {name}", output=out, inputs=inputs, settings={"split": "dev"}, tracked=False,
+        runner.run(f"evaluate {name}", output=out, inputs=inputs,
+                   settings={"split": "dev", "rerank_use": config.rerank.use if rdir else None}, tracked=False,
                    fn=lambda mdir=mdir, rdir=rdir, out=out: _eval_info(
-                       evaluate(mdir, data_dir, split="dev", out=out, reranker=rdir)))
+                       evaluate(mdir, data_dir, split="dev", out=out, reranker=rdir, rerank_use=config.rerank.use)))
     paths["metrics"] = metrics_dir
 
     if refit:  # the final model (and its re-ranker) on every split of train.fit_splits
@@ -165,9 +166,9 @@ def _run_stages(config: Config, root: Path, runner: StageRunner, echo: Callable[
     submission = root / f"prediction-{submit_split}.zip"
     runner.run("submit", output=submission,
                inputs=[data_dir, model_dir] + ([reranker_dir] if reranker_dir else []),
-               settings={"split": submit_split},
+               settings={"split": submit_split, "rerank_use": config.rerank.use},
                fn=lambda: _info(submit(model_dir, data_dir, out=submission, split=submit_split,
-                                       reranker=reranker_dir)))
+                                       reranker=reranker_dir, rerank_use=config.rerank.use)))
     paths["submission"] = submission
     return paths
 
@@ -246,6 +247,8 @@ def _eval_info(result: Any) -> dict[str, Any]:
     if "first_stage" in result.metrics:
         info["first_stage"] = {k: result.metrics["first_stage"][k] for k in keys}
     info["cold"] = result.metrics["breakdown"]["candidates"].get("unseen", {})
+    if result.metrics.get("rerank_decision"):
+        info["rerank_decision"] = result.metrics["rerank_decision"]
     return json_safe(info)
 
 
@@ -289,6 +292,15 @@ def _write_summary(result: PipelineResult, run_id: str | None) -> None:
     })
 
 
+def _rerank_decision_line(result: PipelineResult) -> list[str]:
+    """Whether the two-stage row used the re-ranker, and why (one line; none without a re-ranker)."""
+    from newsrec.utils.io import read_json
+
+    path = result.paths.get("metrics", Path("/nonexistent")) / f"{_slug(TWO_STAGE)}.json"
+    decision = read_json(path).get("rerank_decision") if path.is_file() else None
+    return [f"{TWO_STAGE}: {decision}"] if decision else []
+
+
 def report(result: PipelineResult, config: Config | None = None) -> str:
     """The closing summary: the comparison table, where the outputs are, how to look at the runs."""
     from newsrec.train.tracking import resolve_tracking_uri
@@ -300,6 +312,7 @@ def report(result: PipelineResult, config: Config | None = None) -> str:
         "",
         f"Dev metrics ({result.table.get(FIRST_STAGE, {}).get('impressions', '?')} impressions):",
         result.table_text(),
+        *_rerank_decision_line(result),
         "",
         f"submission : {result.paths.get('submission')}",
         f"scores     : {result.paths.get('scores')}",

@@ -16,7 +16,9 @@ from newsrec.data import schema
 from newsrec.data.artifact import Impressions, open_dataset
 from newsrec.data.popularity import PrefixCounts, news_counts_from_impressions, shrunk_ctr
 from newsrec.errors import ArtifactError, NewsrecError
-from newsrec.models.reranker import FEATURE_NAMES, Reranker, build_features, load_reranker
+from newsrec.inference.features import FEATURE_NAMES, EventLog, candidate_features
+from newsrec.inference.rerank import load_reranker
+from newsrec.models.reranker import Reranker
 
 D = 12  # first-stage news vector width in the model-only tests
 
@@ -86,12 +88,40 @@ def test_prefix_counts_exclude_the_impression_itself_and_later_ones():
     np.testing.assert_array_equal(s, [4, 2, 2, 0])
 
 
+def test_event_log_counts_strictly_before_each_moment():
+    """EventLog (labels of part of the log, showings of all of it) against a brute-force count,
+    for moments inside the labelled part, after it, and news it never saw."""
+    from newsrec.inference.features import concat_impressions
+
+    labelled = _impressions(["2019-11-10T08:00:00", "2019-11-10T09:00:00", "2019-11-10T09:00:00"],
+                            [[1, 2], [1, 3], [2]], [[1, 0], [0, 1], [1]])
+    later = _impressions(["2019-11-10T10:00:00", "2019-11-10T11:00:00"], [[1, 4], [2, 4]], [[0, 0], [1, 0]])
+    log = EventLog(labelled, concat_impressions([labelled, later]))
+    events = [(n, t, y, lab) for imps, lab in ((labelled, True), (later, False))
+              for i in range(len(imps)) for n, y in zip(imps.candidates_of(i), imps.labels_of(i))
+              for t in [imps.time[i].astype("datetime64[s]").astype(np.int64)]]
+    news = np.array([[1, 2, 3, 4, 9]] * 5)
+    base = int(np.datetime64("2019-11-10T08:00:00", "s").astype(np.int64))
+    moments = np.array([base - 1, base + 1800, base + 3600, base + 3 * 3600, base + 9 * 3600], dtype=np.float64)
+    clicks, shown_lab, shown = log.counts(news, moments)
+    for b, now in enumerate(moments):
+        for c, n in enumerate(news[b]):
+            before = [e for e in events if e[0] == n and e[1] < now]
+            assert clicks[b, c] == sum(e[2] for e in before if e[3])
+            assert shown_lab[b, c] == sum(1 for e in before if e[3])
+            assert shown[b, c] == len(before)
+    assert log.mean_ctr == pytest.approx(3 / 5)
+    total = log.totals(6)
+    np.testing.assert_array_equal(total[0], [0, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(total[2], [0, 3, 3, 1, 2, 0])
+
+
 # ------------------------------------------------------------------------------------------------
 # features and model
 
 
-def test_build_features_known_values():
-    feats = build_features(
+def test_candidate_features_known_values():
+    feats = candidate_features(
         retrieval_scores=np.array([[2.0, -1.0]]), clicks=np.array([[0, 50]]), impressions=np.array([[0, 100]]),
         exposure=np.array([[30, 0]]), age_seconds=np.array([[7200.0, 0.0]]), age_known=np.array([[True, False]]),
         candidate_category=np.array([[1, 2]]), candidate_subcategory=np.array([[3, 4]]),
@@ -104,6 +134,7 @@ def test_build_features_known_values():
     np.testing.assert_allclose(f["popularity_logit"], [0.0, np.log(ctr / (1 - ctr)) - np.log(0.1 / 0.9)], rtol=1e-5)
     np.testing.assert_allclose(f["log_impressions"], [0.0, np.log1p(100)], rtol=1e-6)
     np.testing.assert_allclose(f["log_exposure"], [np.log1p(30), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(f["log_unlabelled_exposure"], [np.log1p(30), 0.0], rtol=1e-6)
     np.testing.assert_allclose(f["log_exposure_rate"], [np.log1p(15.0), 0.0], rtol=1e-6)  # 30 in 2 hours
     np.testing.assert_allclose(f["log_age_hours"], [np.log1p(2.0), np.log1p(24 * 30)], rtol=1e-6)
     np.testing.assert_allclose(f["age_unknown"], [0.0, 1.0])
@@ -114,7 +145,8 @@ def test_build_features_known_values():
 
 def _model(seed: int = 0, **cfg: object) -> Reranker:
     torch.manual_seed(seed)
-    model = Reranker(RerankConfig(hidden_size=8, num_heads=2, dropout=0.0, **cfg), news_dim=D)
+    model = Reranker(RerankConfig(hidden_size=8, num_heads=2, dropout=0.0, **cfg), news_dim=D,
+                     n_features=len(FEATURE_NAMES))
     with torch.no_grad():  # leave the "start as the first stage" init so the tests see the attention
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -214,7 +246,7 @@ def test_candidate_seeded_layer_matches_the_explicit_computation():
 
 def test_untrained_reranker_ranks_as_the_first_stage():
     torch.manual_seed(0)
-    model = Reranker(RerankConfig(hidden_size=8, num_heads=2), news_dim=D).eval()
+    model = Reranker(RerankConfig(hidden_size=8, num_heads=2), news_dim=D, n_features=len(FEATURE_NAMES)).eval()
     hist, mask, cand, feats = _inputs()
     torch.testing.assert_close(model(hist, mask, cand, feats), feats[..., 0])
 
@@ -332,9 +364,198 @@ def test_two_stage_beats_first_stage_on_popularity(trained):
     assert two["ndcg@10"] > first["ndcg@10"]
     # cold news have no counts: they still rank (freshness, and popularity equal to the mean)
     assert np.isfinite(result.metrics["two_stage_cold"]["ndcg@10"])
+    # the guard (latest slice of the train log, never dev) saw the same and says so
+    guard = result.guard
+    assert guard["won"] and guard["impressions"] > 0
+    assert guard["two_stage"]["auc"] > guard["first_stage"]["auc"]
+    manifest = json.loads((result.out_dir / "reranker.json").read_text())
+    assert manifest["guard"]["won"] is True and 1 <= manifest["guard"]["best_epoch"] <= 4
 
 
-def test_save_load_round_trip_and_batched_equals_single(trained):
+def _slice_log(root: Path):
+    """(dataset, train impressions, the time slices, the log the re-ranker learned in) of the
+    fixture, rebuilt the way ``fit_reranker`` builds them."""
+    from newsrec.inference.features import concat_impressions
+    from newsrec.train.rerank import time_slices
+
+    dataset = open_dataset(root / "data")
+    train = dataset.impressions("train")
+    cfg = _config().rerank
+    parts = time_slices(train.time, train_fraction=cfg.train_fraction, guard_fraction=cfg.guard_fraction)
+    log = EventLog(train.select(parts.early), concat_impressions([dataset.impressions(s) for s in dataset.splits]))
+    return dataset, train, parts, log
+
+
+def _training_data(root: Path, loaded, *, hard: bool):
+    from newsrec.data.popularity import datetime64_to_seconds
+    from newsrec.train.rerank import TrainingData, _with_click, clicked_by_user, retrieve_top
+
+    dataset, train, parts, log = _slice_log(root)
+    fit = train.select(_with_click(train, parts.fit))
+    rng = np.random.default_rng(0)
+    retrieval = rng.normal(size=len(fit.candidates)).astype(np.float32)
+    if hard:
+        users = torch.from_numpy(rng.normal(size=(len(fit), loaded.model.news_dim)).astype(np.float32))
+        vectors = torch.from_numpy(loaded.tables.vectors)
+        hard_idx, hard_scores = retrieve_top(
+            lambda: None, users, vectors, fit, k=10, first_seen=loaded.tables.first_seen,
+            first_seen_known=loaded.tables.first_seen_known, exclude_candidates=True,
+            excluded=clicked_by_user(train, fit.user_id))
+    else:
+        hard_idx, hard_scores = np.zeros((len(fit), 1), np.int64), np.zeros((len(fit), 1), np.float32)
+    samples = np.flatnonzero(fit.labels > 0)
+    rows = np.searchsorted(fit.candidate_offsets, samples, side="right") - 1
+    return TrainingData(fit, datetime64_to_seconds(fit.time), retrieval, hard_idx, hard_scores, log, samples,
+                        rows), log
+
+
+def test_training_and_serving_paths_give_the_same_feature_row(trained):
+    """One impression's rows: through the training path (``training_rows``) and through the path
+    that scores impressions (``features_for`` on padded impressions, as evaluate and the guard
+    do); and, after the log's end, the log replayed equals the serving totals."""
+    from newsrec.inference.features import padded_candidates, padded_histories
+    from newsrec.train.rerank import training_rows
+
+    root, _ = trained
+    loaded = load_reranker(root / "reranker")
+    data, log = _training_data(root, loaded, hard=False)
+    imps = data.impressions
+    sample = int(np.argmax(imps.history_lengths[data.sample_row] > 2))  # a user with a history
+    row = int(data.sample_row[sample])
+    batch = training_rows(data, loaded, np.array([sample]), npratio=50, hard_negatives=0,
+                          rng=np.random.default_rng(0))
+    n = int(imps.candidate_counts[row])
+    assert batch["candidate_mask"][0].sum() == n  # the click and every non-click
+    hist, hmask = padded_histories(imps, np.array([row]), max_len=loaded.history_len)
+    cand, cmask, flat = padded_candidates(imps, np.array([row]))
+    served = loaded.features_for(log, history_idx=hist, history_mask=hmask, candidate_idx=cand,
+                                 retrieval_scores=data.retrieval[flat][None].astype(np.float64),
+                                 now_seconds=data.now[[row]])[0]
+    trained_rows = batch["features"][0][batch["candidate_mask"][0]]
+    order = [int(np.flatnonzero(cand[0] == c)[0]) for c in batch["candidates"][0][:n]]
+    np.testing.assert_array_equal(trained_rows, served[order])
+    # the re-ranker reads the same clicks in training as when it scores
+    np.testing.assert_array_equal(batch["history"][0][batch["history_mask"][0]], hist[0][hmask[0]])
+    # after the log: the log replayed to a later moment equals the serving path's totals
+    full = EventLog.of_dataset(open_dataset(root / "data"))
+    later = np.array([loaded.log_end() + 3600.0])
+    a = loaded.features_for(full, history_idx=hist, history_mask=hmask, candidate_idx=cand,
+                            retrieval_scores=np.zeros(cand.shape), now_seconds=later)
+    b = loaded.features_for(loaded.totals(), history_idx=hist, history_mask=hmask, candidate_idx=cand,
+                            retrieval_scores=np.zeros(cand.shape), now_seconds=later)
+    np.testing.assert_array_equal(a, b)
+    assert loaded.mean_ctr == pytest.approx(full.mean_ctr)
+
+
+def test_training_rows_show_exposure_without_labels_and_no_feature_is_constant(trained):
+    """The labels of the re-ranker's log end before its slice: training rows hold news shown since
+    (exposure beyond the labelled count) — the combination dev and serving meet. Every feature
+    varies over the training rows or is dropped (then it cannot move a score)."""
+    from newsrec.train.rerank import feature_stats, training_rows
+
+    root, _ = trained
+    loaded = load_reranker(root / "reranker")
+    data, _ = _training_data(root, loaded, hard=True)
+    f = {name: i for i, name in enumerate(FEATURE_NAMES)}
+
+    batch = training_rows(data, loaded, np.arange(len(data.samples)), npratio=4, hard_negatives=2,
+                          rng=np.random.default_rng(0))
+    rows = batch["features"][batch["candidate_mask"]]
+    assert (rows[:, f["log_unlabelled_exposure"]] > 0).mean() > 0.5
+    assert not np.allclose(rows[:, f["log_impressions"]], rows[:, f["log_exposure"]])
+    _, std = feature_stats(data, loaded, np.random.default_rng(1), npratio=4, hard_negatives=2, batch_size=64)
+    used = loaded.model.feature_used.numpy() > 0
+    dropped = set(loaded.manifest["features_dropped"])
+    assert dropped == {n for n, u in zip(FEATURE_NAMES, used) if not u}
+    for name, i in f.items():
+        assert name in dropped or std[i] > 1e-6, (name, std[i])
+    # a dropped feature changes no score
+    if dropped:
+        i = f[sorted(dropped)[0]]
+        hist, mask, cand, feats = (torch.zeros(1, 3, loaded.model.news_dim), torch.ones(1, 3, dtype=torch.bool),
+                                   torch.randn(1, 4, loaded.model.news_dim), torch.randn(1, 4, len(FEATURE_NAMES)))
+        other = feats.clone()
+        other[..., i] += 5.0
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(hist, mask, cand, feats), loaded.model(hist, mask, cand, other))
+
+
+def test_time_slices_and_hard_negatives_never_clicked_by_the_user():
+    from newsrec.train.rerank import clicked_by_user, retrieve_top, time_slices
+
+    times = np.array(["2019-11-10T0%d:00:00" % h for h in (5, 1, 2, 3, 4, 6, 7, 8, 9, 9)], dtype="datetime64[us]")
+    parts = time_slices(times, train_fraction=0.5, guard_fraction=0.4)
+    sec = times.astype("datetime64[s]").astype(np.int64)
+    assert sec[parts.early].max() < sec[parts.fit].min() <= sec[parts.fit].max() < sec[parts.guard].min()
+    assert sorted(np.concatenate([parts.early, parts.fit, parts.guard]).tolist()) == list(range(10))
+    assert set(parts.guard.tolist()) == {8, 9}  # rows at the same second stay together
+    with pytest.raises(NewsrecError, match="train_fraction"):
+        time_slices(times[:1], train_fraction=0.5, guard_fraction=0.5)
+    # user U clicked news 3 in one impression and has 5 in a history: neither is a hard negative
+    imps = _impressions(["2019-11-10T08:00:00", "2019-11-10T09:00:00"], [[3, 4], [1, 2]], [[1, 0], [1, 0]],
+                        histories=[[], [5]])
+    values, offsets = clicked_by_user(imps, imps.user_id)
+    assert set(values[offsets[0]:offsets[1]].tolist()) == {1, 3, 5}
+    users = torch.ones(2, 2)
+    vectors = torch.tensor([[0.0, 0.0]] + [[float(i), float(i)] for i in range(1, 8)])  # higher idx, higher score
+    top, _ = retrieve_top(None, users, vectors, imps, k=7, first_seen=np.zeros(8), first_seen_known=np.zeros(8, bool),
+                          exclude_candidates=False, excluded=(values, offsets))
+    for row in top:
+        assert not set(row.tolist()) & {1, 3, 5}
+    plain, _ = retrieve_top(None, users, vectors, imps, k=7, first_seen=np.zeros(8), first_seen_known=np.zeros(8, bool),
+                            exclude_candidates=False)
+    assert 3 in plain[1].tolist()  # without the exclusion, a news the user clicked elsewhere comes back
+
+
+def test_guard_decides_where_the_two_stage_model_is_used():
+    from newsrec.inference.rerank import two_stage_decision
+    from newsrec.train.rerank import guard_verdict
+
+    first = {"auc": 0.60, "ndcg@10": 0.40}
+    assert guard_verdict(first, {"auc": 0.60, "ndcg@10": 0.3985}, auc_margin=0.0, ndcg_tolerance=0.002)
+    assert not guard_verdict(first, {"auc": 0.599, "ndcg@10": 0.5}, auc_margin=0.0, ndcg_tolerance=0.002)
+    assert not guard_verdict(first, {"auc": 0.70, "ndcg@10": 0.397}, auc_margin=0.0, ndcg_tolerance=0.002)
+    assert not guard_verdict(first, {"auc": 0.605, "ndcg@10": 0.5}, auc_margin=0.01, ndcg_tolerance=0.002)
+    lost = {"guard": {"won": False, "impressions": 9, "first_stage": first, "two_stage": {"auc": 0.5, "ndcg@10": 0.3}}}
+    won = {"guard": {**lost["guard"], "won": True}}
+    assert two_stage_decision(won, "auto")[0] and not two_stage_decision(lost, "auto")[0]
+    on, why = two_stage_decision(lost, "auto")
+    assert "did not beat the first stage" in why and "0.5000" in why and "\n" not in why
+    assert two_stage_decision(lost, "always")[0] and not two_stage_decision(won, "never")[0]
+    with pytest.raises(Exception, match="rerank.use"):
+        two_stage_decision(won, "on")
+
+
+def test_evaluate_follows_rerank_use(trained, tmp_path):
+    from newsrec.eval.evaluate import evaluate
+
+    root, result = trained
+    never = evaluate(root / "model", root / "data", reranker=root / "reranker", rerank_use="never",
+                     log_to_mlflow=False, show_progress=False)
+    plain = evaluate(root / "model", root / "data", log_to_mlflow=False, show_progress=False)
+    always = evaluate(root / "model", root / "data", reranker=root / "reranker", rerank_use="always",
+                      log_to_mlflow=False, show_progress=False)
+    auto = evaluate(root / "model", root / "data", reranker=root / "reranker", log_to_mlflow=False,
+                    show_progress=False)
+    np.testing.assert_array_equal(never.scores, plain.scores)
+    assert not never.metrics["reranked"] and "rerank.use=never" in never.metrics["rerank_decision"]
+    assert always.metrics["reranked"] and auto.metrics["reranked"]  # it won its guard
+    assert always.metrics["auc"] == pytest.approx(result.metrics["two_stage"]["auc"], abs=1e-6)
+    # a re-ranker that lost its guard is not used under auto
+    lost = tmp_path / "lost"
+    import shutil
+
+    shutil.copytree(root / "reranker", lost)
+    manifest = json.loads((lost / "reranker.json").read_text())
+    manifest["guard"]["won"] = False
+    (lost / "reranker.json").write_text(json.dumps(manifest))
+    off = evaluate(root / "model", root / "data", reranker=lost, log_to_mlflow=False, show_progress=False)
+    np.testing.assert_array_equal(off.scores, plain.scores)
+    assert "did not beat" in off.metrics["rerank_decision"]
+
+
+def test_save_load_round_trip_equals_the_fit(trained):
+    from newsrec.eval.metrics import compute_metrics
     from newsrec.models.io import load_model
     from newsrec.train.rerank import score_impressions_two_stage
 
@@ -342,45 +563,47 @@ def test_save_load_round_trip_and_batched_equals_single(trained):
     loaded = load_reranker(root / "reranker", retriever_dir=root / "model")
     assert loaded.manifest["retriever"]["model_json_sha256"]
     retriever = load_model(root / "model")
-    dev = open_dataset(root / "data").impressions("dev")
-    scores = score_impressions_two_stage(retriever, loaded, dev, show_progress=False)
+    dataset = open_dataset(root / "data")
+    dev = dataset.impressions("dev")
+    scores = score_impressions_two_stage(retriever, loaded, dev, log=EventLog.of_dataset(dataset),
+                                         show_progress=False)
     assert scores.shape == dev.candidates.shape and scores.dtype == np.float32
-    from newsrec.eval.metrics import compute_metrics
-
     again = compute_metrics(dev.labels, scores, dev.candidate_offsets)
     assert again["auc"] == pytest.approx(result.metrics["two_stage"]["auc"], abs=1e-6)
-    # one user through rerank() equals the batched path
-    from newsrec.train.rerank import encode_users, first_stage_candidate_scores
-
-    vectors = torch.from_numpy(loaded.tables.vectors)
-    users = encode_users(retriever.model, vectors, dev, history_len=5, batch_size=64, device=torch.device("cpu"))
-    first = first_stage_candidate_scores(retriever.model, users, vectors, dev, batch_size=64)
-    i = 7
-    lo, hi = dev.candidate_offsets[i], dev.candidate_offsets[i + 1]
-    when = dev.time[i].astype("datetime64[us]").item()
-    now_s = np.array([when.replace(tzinfo=dt.timezone.utc).timestamp()])
-    exposure = loaded.exposure_counter(dev)(dev.candidates_of(i).astype(np.int64)[None], now_s)[0]
-    single = loaded.rerank(dev.history_of(i), dev.candidates_of(i), first[lo:hi], now=when, exposure=exposure)
-    np.testing.assert_allclose(single, scores[lo:hi], rtol=1e-4, atol=1e-5)
 
 
-def test_rerank_many_equals_one_user_at_a_time(trained):
+def test_rerank_after_the_log_equals_the_replayed_log_and_batches(trained):
+    """Serving (``rerank``/``rerank_many``, the log's totals) equals scoring the same impression
+    with the log replayed, one user or several at once; times before the log's end are refused."""
+    from newsrec.inference.features import padded_histories
+
     root, _ = trained
     loaded = load_reranker(root / "reranker")
-    dev = open_dataset(root / "data").impressions("dev")
+    dataset = open_dataset(root / "data")
+    dev = dataset.impressions("dev")
+    full = EventLog.of_dataset(dataset)
+    end = loaded.log_end()
     rng = np.random.default_rng(0)
     rows = [0, 3, 8, 11]
     histories = [dev.history_of(i) for i in rows] + [np.zeros(0, dtype=np.int64)]  # one without clicks
     candidates = [dev.candidates_of(i) for i in rows] + [np.array([1, 2, 3])]
     firsts = [rng.normal(size=len(c)) for c in candidates]
-    nows = [dt.datetime(2019, 11, 15, 8), None, dt.datetime(2019, 11, 14, 20), None, None]
+    nows = [end + 60.0, None, end + 7200.0, dt.datetime(2030, 1, 1), None]
     assert len({len(c) for c in candidates}) > 1  # candidate padding is exercised
     together = loaded.rerank_many(histories, candidates, firsts, nows)
     for h, c, f, now, got in zip(histories, candidates, firsts, nows, together):
         assert got.shape == (len(c),)
         np.testing.assert_allclose(got, loaded.rerank(h, c, f, now=now), rtol=1e-5, atol=1e-6)
+    h, c, f = histories[0], candidates[0], firsts[0]
+    imps = _impressions(["2019-11-20T00:00:00"], [c.tolist()], [[0] * len(c)], histories=[h.tolist()])
+    hist, mask = padded_histories(imps, np.array([0]), max_len=loaded.history_len)
+    replayed = loaded.score_batch(full, history_idx=hist, history_mask=mask, candidate_idx=c[None].astype(np.int64),
+                                  retrieval_scores=f[None], now_seconds=np.array([end + 60.0]))[0]
+    np.testing.assert_allclose(together[0], replayed, rtol=1e-5, atol=1e-6)
     with pytest.raises(NewsrecError, match="retrieval scores"):
         loaded.rerank_many(histories[:1], candidates[:1], [firsts[0][:-1]])
+    with pytest.raises(NewsrecError, match="before the end of the re-ranker's log"):
+        loaded.rerank(h, c, f, now=end - 3600.0)
 
 
 def test_mismatched_retriever_is_refused(trained, tmp_path):
@@ -396,25 +619,122 @@ def test_mismatched_retriever_is_refused(trained, tmp_path):
         load_reranker(tmp_path / "other")
 
 
-def test_fresh_news_get_the_prior_mean_and_zero_age(trained):
+def test_fresh_news_get_the_prior_mean_and_their_age(trained):
     root, _ = trained
     loaded = load_reranker(root / "reranker")
     n = loaded.n_news
     vec = np.random.default_rng(0).normal(size=(2, loaded.model.news_dim)).astype(np.float32)
-    now = dt.datetime(2019, 11, 20, 12, 0)
-    loaded.add_news(np.array([n + 1, n + 3]), vec, category_idx=np.array([1, 2]), first_seen=now)
+    added = loaded.log_end() + 600.0
+    loaded.add_news(np.array([n + 1, n + 3]), vec, category_idx=np.array([1, 2]), first_seen=added)
     assert loaded.n_news == n + 3
-    feats = loaded.features_for(history_idx=np.array([[1, 2]]), history_mask=np.array([[True, True]]),
-                                candidate_idx=np.array([[n + 1, n + 3]]), retrieval_scores=np.zeros((1, 2)),
-                                now_seconds=np.array([now.replace(tzinfo=dt.timezone.utc).timestamp()]))
-    f = dict(zip(FEATURE_NAMES, np.moveaxis(feats[0], -1, 0)))
+
+    def feats(now: float) -> dict[str, np.ndarray]:
+        f = loaded.features_for(loaded.totals(), history_idx=np.array([[1, 2]]),
+                                history_mask=np.array([[True, True]]), candidate_idx=np.array([[n + 1, n + 3]]),
+                                retrieval_scores=np.zeros((1, 2)), now_seconds=np.array([now]))
+        return dict(zip(FEATURE_NAMES, np.moveaxis(f[0], -1, 0)))
+
+    f = feats(added)
     np.testing.assert_allclose(f["popularity_logit"], 0.0, atol=1e-6)  # the prior mean
     np.testing.assert_allclose(f["log_age_hours"], 0.0, atol=1e-6)
     np.testing.assert_allclose(f["age_unknown"], 0.0)
     np.testing.assert_allclose(f["log_exposure"], 0.0)  # never shown yet
-    scores = loaded.rerank(np.array([1, 2]), np.array([n + 1, 3, n + 3]), np.array([0.1, 0.2, 0.3]), now=now)
+    np.testing.assert_allclose(feats(added + 3 * 3600.0)["log_age_hours"], np.log1p(3.0), rtol=1e-6)  # it ages
+    scores = loaded.rerank(np.array([1, 2]), np.array([n + 1, 3, n + 3]), np.array([0.1, 0.2, 0.3]), now=added)
     assert scores.shape == (3,) and np.isfinite(scores).all()
     with pytest.raises(NewsrecError, match="unknown to the re-ranker"):
         loaded.rerank(np.array([1]), np.array([n + 50]), np.array([0.0]))
     with pytest.raises(NewsrecError, match="need news_idx >"):
-        loaded.add_news(np.array([1]), vec[:1])
+        loaded.add_news(np.array([1]), vec[:1], first_seen=added)
+
+
+# ------------------------------------------------------------------------------------------------
+# serving: one clock, one history length
+
+
+class _FakeMonotonic:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture()
+def served(trained, tmp_path):
+    from newsrec.serve.clock import ServiceClock
+    from newsrec.serve.service import Recommender, index_news
+
+    root, _ = trained
+    index_news(root / "model", data_dir=root / "data", out_dir=tmp_path / "index")
+    service = Recommender.load(root / "model", tmp_path / "index", reranker_dir=root / "reranker",
+                               rerank_use="always", serve_cfg=_serve_cfg(batch_max=1))
+    tick = _FakeMonotonic()
+    service.clock = ServiceClock(service.clock.start_seconds, monotonic=tick)
+    return service, tick, tmp_path / "index"
+
+
+def _serve_cfg(**kw):
+    from newsrec.config import ServeConfig
+
+    return ServeConfig(retrieve_k=30, **kw)
+
+
+def test_service_clock_starts_at_the_log_end_and_fresh_news_age(served, trained):
+    from newsrec.serve.service import Recommender
+
+    service, tick, index_dir = served
+    root, _ = trained
+    reranker = service.reranker
+    assert service.rerank_decision.startswith("re-ranker on (rerank.use=always)")
+    assert service.clock.start_seconds == pytest.approx(reranker.log_end())
+    tick.t += 1800.0  # half an hour after start
+    key = service.add_news("FRESH1", "w1 w2 w3", category="a")
+    assert reranker.tables.first_seen[key] == pytest.approx(service.clock.now(), abs=1.0)
+    assert reranker.tables.first_seen[key] >= reranker.log_end()
+
+    def age_hours() -> float:
+        f = reranker.features_for(reranker.totals(), history_idx=np.array([[1]]), history_mask=np.array([[True]]),
+                                  candidate_idx=np.array([[key]]), retrieval_scores=np.zeros((1, 1)),
+                                  now_seconds=np.array([service.clock.now()]))
+        return float(np.expm1(f[0, 0, FEATURE_NAMES.index("log_age_hours")]))
+
+    assert age_hours() == pytest.approx(0.0, abs=1e-3)
+    tick.t += 2 * 3600.0
+    assert age_hours() == pytest.approx(2.0, abs=1e-3)  # it grows with the clock, not clipped at 0
+    rec = service.recommend(history=["N1", "N2"], k=5)
+    assert rec.reranked
+    # after a restart the clock never runs behind a fresh news already added
+    service.save(index_dir)
+    again = Recommender.load(root / "model", index_dir, reranker_dir=root / "reranker", rerank_use="always")
+    assert again.clock.start_seconds >= reranker.tables.first_seen[key] - 1.0
+    assert again.reranker.tables.first_seen[key] == pytest.approx(reranker.tables.first_seen[key], abs=1.0)
+
+
+def test_service_reranks_with_the_history_length_training_used(served):
+    """The user encoder reads data.history_len clicks; the re-ranker reads its own history_len of
+    them — in serving as in training and evaluation, whichever is longer."""
+    service, _, _ = served
+    reranker = service.reranker
+    assert service.history_len == 5
+    reranker.config.rerank.history_len = 9  # longer than the first stage's 5
+    clicks = [f"N{i}" for i in range(1, 13)]
+    captured = {}
+    original = reranker.rerank_many
+
+    def spy(histories, candidates, firsts, nows):
+        captured.update(histories=histories, candidates=candidates, firsts=firsts, nows=nows)
+        return original(histories, candidates, firsts, nows)
+
+    reranker.rerank_many = spy
+    rec = service.recommend(history=clicks, k=5)
+    keys = np.array([service.key_of(c) for c in clicks])
+    np.testing.assert_array_equal(captured["histories"][0], keys)  # every click reaches the re-ranker
+    want = original([keys[-9:]], captured["candidates"], captured["firsts"], captured["nows"])[0]
+    got = {item.news_id: item.score for item in rec.items}
+    for key, score in zip(captured["candidates"][0], want):
+        if service.news_id_of(int(key)) in got:
+            assert got[service.news_id_of(int(key))] == pytest.approx(float(score), rel=1e-5, abs=1e-6)
+    short = original([keys[-5:]], captured["candidates"], captured["firsts"], captured["nows"])[0]
+    assert not np.allclose(short, want)  # the first stage's 5 clicks would have scored otherwise
+    assert rec.history_used == 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from newsrec.cli import config_options, main, model_option
+from newsrec.config import RERANK_USE
 from newsrec.errors import ConfigError
 from newsrec.eval.baselines import BASELINES
 
@@ -16,6 +17,9 @@ _BASELINE = click.option("--baseline", default=None, type=click.Choice(BASELINES
                               "config's baseline section, -o baseline.KEY=VALUE).")
 _RERANKER = click.option("--reranker", "reranker_dir", default=None, type=click.Path(file_okay=False),
                          help="RERANKER_DIR trained on this model: score with both stages.")
+_RERANK_USE = click.option("--rerank", "rerank_use", default=None, type=click.Choice(RERANK_USE),
+                           help="With --reranker: auto uses it only where it beat the first stage on its "
+                                "held-out slice; always/never force either (default: its rerank.use).")
 
 
 def _metrics_line(metrics: dict) -> str:
@@ -43,6 +47,7 @@ def _model_or_baseline(model_dir: str | None, baseline: str | None, reranker_dir
               help="MODEL_DIR written by `newsrec train`.")
 @_BASELINE
 @_RERANKER
+@_RERANK_USE
 @_DATA
 @click.option("--split", default="dev", show_default=True, help="Labelled split to evaluate.")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
@@ -53,7 +58,8 @@ def _model_or_baseline(model_dir: str | None, baseline: str | None, reranker_dir
 @click.option("--no-mlflow", is_flag=True, help="Do not log the metrics to MLflow.")
 @_DEVICE
 @config_options
-def evaluate_command(model_dir: str | None, baseline: str | None, reranker_dir: str | None, data_dir: str,
+def evaluate_command(model_dir: str | None, baseline: str | None, reranker_dir: str | None,
+                     rerank_use: str | None, data_dir: str,
                      split: str, out_path: str | None, check_slow: int, no_mlflow: bool, device: str | None,
                      config_path: str | None, overrides: tuple[str, ...]) -> None:
     """AUC, MRR, nDCG@5, nDCG@10 on a labelled split, with history-length and cold-news breakdowns."""
@@ -67,8 +73,10 @@ def evaluate_command(model_dir: str | None, baseline: str | None, reranker_dir: 
     from newsrec.eval.evaluate import evaluate
 
     result = evaluate(model_dir, data_dir, split=split, out=out_path, reranker=reranker_dir,
-                      check_slow=check_slow, device=device, log_to_mlflow=not no_mlflow)
+                      rerank_use=rerank_use, check_slow=check_slow, device=device, log_to_mlflow=not no_mlflow)
     m = result.metrics
+    if m.get("rerank_decision"):
+        click.echo(m["rerank_decision"])
     click.echo(f"{split}: {m['impressions']} impressions, {m['candidates']} candidates "
                f"({m['no_click']} without a click, {m['no_nonclick']} without a non-click: not in the AUC mean)")
     click.echo(result.table())
@@ -108,6 +116,7 @@ def _evaluate_baseline(baseline: str, data_dir: str, split: str, out_path: str |
               help="MODEL_DIR written by `newsrec train` (to write a submission).")
 @_BASELINE
 @_RERANKER
+@_RERANK_USE
 @click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
               help="Dataset artifact folder written by `newsrec ingest` (with --check: where the "
                    "behaviors source of --split is recorded).")
@@ -122,7 +131,8 @@ def _evaluate_baseline(baseline: str, data_dir: str, split: str, out_path: str |
                    "(default: the source of --split recorded in --data by ingest).")
 @_DEVICE
 @config_options
-def submit_command(model_dir: str | None, baseline: str | None, reranker_dir: str | None, data_dir: str | None,
+def submit_command(model_dir: str | None, baseline: str | None, reranker_dir: str | None,
+                   rerank_use: str | None, data_dir: str | None,
                    split: str, out_path: str | None, check_path: str | None, behaviors_path: str | None,
                    device: str | None, config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Write (or --check) a MIND leaderboard submission: `ImpressionID [r1,r2,...]` per impression."""
@@ -155,7 +165,10 @@ def submit_command(model_dir: str | None, baseline: str | None, reranker_dir: st
     else:
         from newsrec.eval.submission import submit
 
-        result = submit(model_dir, data_dir, out=out_path, split=split, reranker=reranker_dir, device=device)
+        result = submit(model_dir, data_dir, out=out_path, split=split, reranker=reranker_dir,
+                        rerank_use=rerank_use, device=device)
+        if result.rerank_decision:
+            click.echo(result.rerank_decision)
     click.echo(f"{result.out}: {result.impressions} impressions, {result.candidates} candidates "
                f"(split '{split}', validated)")
     if result.missing_news or result.rowless:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from newsrec.cli import config_options, main, model_option
-from newsrec.config import saved_model_config
+from newsrec.config import RERANK_USE, saved_model_config
 from newsrec.errors import ConfigError
 
 _INDEX = click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False),
@@ -13,6 +13,18 @@ _RERANKER = click.option("--reranker", "reranker_dir", default=None, type=click.
                          help="RERANKER_DIR written by `newsrec train --stage rerank` (optional).")
 _DATA = click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
                      help="Dataset artifact (default: the one the model was trained on).")
+_RERANK_USE = click.option("--rerank", "rerank_use", default=None, type=click.Choice(RERANK_USE),
+                           help="With --reranker: auto uses it only where it beat the first stage on its "
+                                "held-out slice; always/never force either (default: its rerank.use; "
+                                "-o rerank.use=... is the same setting).")
+
+
+def _rerank_use(rerank_use: str | None, config, overrides: tuple[str, ...]) -> str | None:
+    """--rerank, else an explicit -o rerank.use=..., else None (the re-ranker's own rerank.use)."""
+    if rerank_use is not None:
+        return rerank_use
+    given = any(o.split("=", 1)[0].strip() == "rerank.use" for o in overrides)
+    return config.rerank.use if given else None
 
 
 def _settings(config_path: str | None, overrides: tuple[str, ...], model_dir: str):
@@ -49,13 +61,15 @@ def index_command(model_dir: str, data_dir: str | None, out_dir: str, config_pat
 @model_option
 @_INDEX
 @_RERANKER
+@_RERANK_USE
 @click.option("--user", "user_id", default=None, help="A user id of the dataset (latest history is used).")
 @click.option("--history", default=None, metavar="N1,N2,...", help="Clicked news ids, oldest first.")
 @click.option("-k", "k", type=int, default=None, help="How many news to recommend (default serve.default_k).")
 @click.option("--ignore-unknown", is_flag=True, help="Drop history ids the dataset does not know.")
 @_DATA
 @config_options
-def recommend_command(model_dir: str, index_dir: str, reranker_dir: str | None, user_id: str | None,
+def recommend_command(model_dir: str, index_dir: str, reranker_dir: str | None, rerank_use: str | None,
+                      user_id: str | None,
                       history: str | None, k: int | None, ignore_unknown: bool, data_dir: str | None,
                       config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Recommend news for one user of the dataset or for a given history."""
@@ -65,7 +79,10 @@ def recommend_command(model_dir: str, index_dir: str, reranker_dir: str | None, 
         raise click.UsageError("give exactly one of --user ID or --history N1,N2,...")
     config = _settings(config_path, overrides, model_dir)
     service = Recommender.load(model_dir, index_dir, reranker_dir=reranker_dir, data_dir=data_dir,
-                               serve_cfg=config.serve, index_cfg=_search_settings(config, config_path, overrides))
+                               serve_cfg=config.serve, index_cfg=_search_settings(config, config_path, overrides),
+                               rerank_use=_rerank_use(rerank_use, config, overrides))
+    if service.rerank_decision:
+        click.echo(service.rerank_decision)
     news_ids = None if history is None else [h.strip() for h in history.split(",") if h.strip()]
     rec = service.recommend(user_id=user_id, history=news_ids, k=k, ignore_unknown=ignore_unknown or None)
     who = f"user {user_id}" if user_id is not None else "the given history"
@@ -82,6 +99,7 @@ def recommend_command(model_dir: str, index_dir: str, reranker_dir: str | None, 
 @model_option
 @_INDEX
 @_RERANKER
+@_RERANK_USE
 @_DATA
 @click.option("--host", default=None, help="Interface to bind (default serve.host, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default serve.port, 8000).")
@@ -89,8 +107,9 @@ def recommend_command(model_dir: str, index_dir: str, reranker_dir: str | None, 
               help="Serve POST /news and /index/save without an admin token on a non-loopback host "
                    "(serve.allow_open_writes).")
 @config_options
-def serve_command(model_dir: str, index_dir: str, reranker_dir: str | None, data_dir: str | None,
-                  host: str | None, port: int | None, allow_open_writes: bool, config_path: str | None,
+def serve_command(model_dir: str, index_dir: str, reranker_dir: str | None, rerank_use: str | None,
+                  data_dir: str | None, host: str | None, port: int | None, allow_open_writes: bool,
+                  config_path: str | None,
                   overrides: tuple[str, ...]) -> None:
     """Serve recommendations over HTTP (FastAPI + uvicorn); the API is at /docs."""
     import torch
@@ -109,7 +128,10 @@ def serve_command(model_dir: str, index_dir: str, reranker_dir: str | None, data
         raise ConfigError(f"--port {port}: expected 1..65535")
     torch.set_num_threads(config.serve.torch_threads)
     service = Recommender.load(model_dir, index_dir, reranker_dir=reranker_dir, data_dir=data_dir,
-                               serve_cfg=config.serve, index_cfg=_search_settings(config, config_path, overrides))
+                               serve_cfg=config.serve, index_cfg=_search_settings(config, config_path, overrides),
+                               rerank_use=_rerank_use(rerank_use, config, overrides))
+    if service.rerank_decision:
+        click.echo(service.rerank_decision)
     app = create_app(service, config.serve)
     click.echo(f"serving {service.index.count} news ({service.index.kind} index"
                f"{', re-ranker' if service.reranker is not None else ''}) on http://{host}:{port} "

@@ -131,6 +131,13 @@ class DatasetArtifact:
             required=(schema.NEWS, schema.TITLE_TOKENS, schema.VOCAB, schema.CATEGORIES))
 
     # ---- small parts
+    def file_sha256(self, part: str) -> str:
+        """sha256 of one of the artifact's identifying files: "manifest", "vocab" or "categories"."""
+        from newsrec.utils.io import sha256_file
+
+        name = {"manifest": schema.MANIFEST, "vocab": schema.VOCAB, "categories": schema.CATEGORIES}[part]
+        return sha256_file(self.root / name)
+
     @property
     def splits(self) -> list[str]:
         return [s for s in schema.SPLITS if (self.root / schema.behaviors_file(s)).is_file()]

@@ -345,13 +345,14 @@ def json_safe(value: Any) -> Any:
 
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, *, split: str = "dev", out: str | Path | None = None,
-             reranker: str | Path | None = None, check_slow: int = 0, device: str | None = None,
-             log_to_mlflow: bool = True, show_progress: bool = True) -> EvaluationResult:
+             reranker: str | Path | None = None, rerank_use: str | None = None, check_slow: int = 0,
+             device: str | None = None, log_to_mlflow: bool = True, show_progress: bool = True) -> EvaluationResult:
     """The ``newsrec evaluate`` stage: score a labelled split with the fast path and report metrics.
 
     Writes ``out`` (metrics.json) atomically when given, logs the metrics to MLflow (the model's
     training run when it is in the store, else a new run). ``reranker``: a RERANKER_DIR trained on
-    this model; the two-stage model then scores the impressions' candidates. ``check_slow``: also
+    this model; the two-stage model then scores the impressions' candidates where ``rerank_use``
+    (auto | always | never; None = the re-ranker's ``rerank.use``) allows. ``check_slow``: also
     re-score that many impressions with the full model per impression and fail if they differ.
     """
     from newsrec.utils.io import write_json
@@ -371,9 +372,12 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, split: str = "dev",
     if check_slow > 0:
         check = check_fast_equals_slow(inputs, impressions, first_stage, check_slow)
     scores = first_stage
+    two_stage = None
     if reranker is not None:
         start_rerank = time.perf_counter()
-        scores = rerank_scores(reranker, inputs, impressions, first_stage, show_progress=show_progress)
+        two_stage = rerank_scores(reranker, inputs, impressions, first_stage, use=rerank_use,
+                                  show_progress=show_progress)
+        scores = two_stage.scores
         timing["rerank_seconds"] = time.perf_counter() - start_rerank
     start_metrics = time.perf_counter()
     metrics: dict[str, Any] = M.compute_metrics(impressions.labels, scores, impressions.candidate_offsets)
@@ -383,6 +387,8 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, split: str = "dev",
     timing["metrics_seconds"] = time.perf_counter() - start_metrics
     metrics.update({
         "split": split, "model": str(inputs.model_dir), "reranker": str(reranker) if reranker else None,
+        "reranked": bool(two_stage and two_stage.reranked),
+        "rerank_decision": two_stage.decision if two_stage else None,
         "data": str(inputs.dataset.root), "candidates": int(len(scores)), "timing": timing,
     })
     if check is not None:
@@ -394,7 +400,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, split: str = "dev",
     if log_to_mlflow and inputs.config.tracking.enabled:
         from newsrec.train import tracking
 
-        prefix = f"{split}_" if reranker is None else f"{split}_two_stage_"
+        prefix = f"{split}_two_stage_" if metrics["reranked"] else f"{split}_"
         flat = {f"{prefix}{k}": metrics[k] for k in (*M.METRIC_NAMES, "impressions", "no_click", "no_nonclick")}
         for group, rows in metrics["breakdown"].items():
             for name, values in rows.items():
@@ -405,11 +411,30 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, split: str = "dev",
     return EvaluationResult(metrics=metrics, scores=scores, out=out_path, run_id=run_id)
 
 
-def rerank_scores(reranker: str | Path, inputs: InferenceInputs, impressions: Impressions,
-                  first_stage: np.ndarray, *, show_progress: bool = True) -> np.ndarray:
-    """Two-stage scores float32 [M]: the re-ranker (trained on this very model) over the
-    impressions' candidates, given the first stage's scores."""
-    from newsrec.models.reranker import load_reranker
+@dataclass
+class TwoStageScores:
+    """Scores float32 [M] of a split's candidates with the stages chosen, whether the re-ranker was
+    used, and the one line saying why (see ``newsrec.inference.rerank.two_stage_decision``)."""
 
-    loaded = load_reranker(reranker, retriever_dir=inputs.model_dir, map_location=str(inputs.device))
-    return loaded.score_impressions(impressions, retrieval_scores=first_stage, show_progress=show_progress)
+    scores: np.ndarray
+    reranked: bool
+    decision: str
+
+
+def rerank_scores(reranker: str | Path, inputs: InferenceInputs, impressions: Impressions,
+                  first_stage: np.ndarray, *, use: str | None = None,
+                  show_progress: bool = True) -> TwoStageScores:
+    """Two-stage scores of the impressions' candidates (the re-ranker, trained on this very model,
+    given the first stage's scores [M]) where ``use`` (``rerank.use``: auto | always | never; None
+    = the re-ranker's own config) allows; else the first stage's scores unchanged."""
+    from newsrec.inference.features import EventLog
+    from newsrec.inference.rerank import open_two_stage
+
+    loaded, why = open_two_stage(reranker, retriever_dir=inputs.model_dir, use=use,
+                                 map_location=str(inputs.device))
+    if loaded is None:
+        return TwoStageScores(np.asarray(first_stage, dtype=np.float32), False, why)
+    scores = loaded.score_impressions(impressions, retrieval_scores=first_stage,
+                                      log=EventLog.of_dataset(inputs.dataset, {impressions.split: impressions}),
+                                      show_progress=show_progress)
+    return TwoStageScores(scores, True, why)

@@ -355,6 +355,7 @@ class SubmitResult:
     metrics: dict[str, Any] | None  # local metrics over the impressions ingest kept, when labelled
     missing_news: int = 0  # candidates absent from news.tsv, ranked last
     rowless: int = 0  # lines ingest kept no row for, scored as users without history
+    rerank_decision: str | None = None  # with a re-ranker: whether it was used, and why
 
 
 def submit_listing(dataset: Any, split: str, *, out: str | Path,
@@ -384,14 +385,17 @@ def submit_listing(dataset: Any, split: str, *, out: str | Path,
 
 
 def submit(model_dir: str | Path, data_dir: str | Path, *, out: str | Path, split: str = "test",
-           reranker: str | Path | None = None, device: str | None = None,
+           reranker: str | Path | None = None, rerank_use: str | None = None, device: str | None = None,
            show_progress: bool = True) -> SubmitResult:
     """The ``newsrec submit`` stage: score every impression line of ``split``'s behaviors file
-    (fast path, plus the re-ranker when given, on the rows ingest kept), rank, validate and write
-    ``out`` (prediction.zip) atomically."""
+    (fast path, plus the re-ranker when given and ``rerank_use`` allows, on the rows ingest kept),
+    rank, validate and write ``out`` (prediction.zip) atomically."""
+    import dataclasses
+
     from newsrec.eval.evaluate import load_for_inference, rerank_scores, score_impressions
 
     inputs = load_for_inference(model_dir, data_dir, device=device)
+    decision: list[str | None] = [None]
 
     def first_stage(impressions: Impressions) -> np.ndarray:
         return score_impressions(inputs.model, inputs.dataset, impressions, history_len=inputs.history_len,
@@ -400,8 +404,11 @@ def submit(model_dir: str | Path, data_dir: str | Path, *, out: str | Path, spli
 
     def two_stage(impressions: Impressions) -> np.ndarray:
         scores = first_stage(impressions)
-        if reranker is not None:
-            scores = rerank_scores(reranker, inputs, impressions, scores, show_progress=show_progress)
-        return scores
+        if reranker is None:
+            return scores
+        result = rerank_scores(reranker, inputs, impressions, scores, use=rerank_use, show_progress=show_progress)
+        decision[0] = result.decision
+        return result.scores
 
-    return submit_listing(inputs.dataset, split, out=out, score=two_stage, score_rowless=first_stage)
+    result = submit_listing(inputs.dataset, split, out=out, score=two_stage, score_rowless=first_stage)
+    return dataclasses.replace(result, rerank_decision=decision[0])

@@ -16,18 +16,19 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from newsrec.config import Config, config_from_yaml_text
-from newsrec.data import schema
-from newsrec.data.artifact import DatasetArtifact
 from newsrec.errors import ArtifactError, ConfigError
 from newsrec.models.recommender import NewsRecommender
 from newsrec.utils.io import atomic_file, atomic_path, read_manifest, sha256_file, write_json
+
+if TYPE_CHECKING:  # models take a dataset artifact by its interface; they import nothing of data
+    from newsrec.data.artifact import DatasetArtifact
 
 MODEL_SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -46,7 +47,7 @@ class LoadedModel:
     model_dir: Path
 
 
-def build_model(config: Config, dataset: DatasetArtifact) -> NewsRecommender:
+def build_model(config: Config, dataset: "DatasetArtifact") -> NewsRecommender:
     """A freshly initialised model sized for ``dataset`` (vocabulary, categories, GloVe vectors)."""
     return NewsRecommender(
         config.model,
@@ -58,17 +59,17 @@ def build_model(config: Config, dataset: DatasetArtifact) -> NewsRecommender:
     )
 
 
-def _dataset_identity(dataset: DatasetArtifact) -> dict[str, Any]:
+def _dataset_identity(dataset: "DatasetArtifact") -> dict[str, Any]:
     return {
         "vocab_size": dataset.vocab_size,
-        "vocab_sha256": sha256_file(dataset.root / schema.VOCAB),
-        "categories_sha256": sha256_file(dataset.root / schema.CATEGORIES),
+        "vocab_sha256": dataset.file_sha256("vocab"),
+        "categories_sha256": dataset.file_sha256("categories"),
         "n_categories": len(dataset.categories["category"]),
         "n_subcategories": len(dataset.categories["subcategory"]),
     }
 
 
-def save_model(out_dir: str | Path, model: NewsRecommender, config: Config, *, dataset: DatasetArtifact,
+def save_model(out_dir: str | Path, model: NewsRecommender, config: Config, *, dataset: "DatasetArtifact",
                extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (trained on ``dataset`` with ``config``) to ``out_dir``; returns the folder."""
     out_dir = Path(out_dir)
@@ -89,7 +90,7 @@ def save_model(out_dir: str | Path, model: NewsRecommender, config: Config, *, d
         "weights_sha256": sha256_file(out_dir / WEIGHTS_FILE),
         "dataset": {
             "path": str(dataset.root.resolve()),
-            "manifest_sha256": sha256_file(dataset.root / schema.MANIFEST),
+            "manifest_sha256": dataset.file_sha256("manifest"),
         },
         "extra": dict(extra or {}),
     }
@@ -135,7 +136,7 @@ def load_model(model_dir: str | Path, *, map_location: str | torch.device = "cpu
     return LoadedModel(model=model, config=config, manifest=manifest, model_dir=model_dir)
 
 
-def check_compatible(manifest: dict[str, Any], dataset: DatasetArtifact) -> None:
+def check_compatible(manifest: dict[str, Any], dataset: "DatasetArtifact") -> None:
     """Raise ArtifactError if ``dataset``'s vocabulary or categories differ from the model's
     (``manifest`` = a loaded model's model.json)."""
     have = _dataset_identity(dataset)

@@ -26,6 +26,7 @@ from newsrec.config import Config, IndexConfig, ServeConfig
 from newsrec.data.artifact import DatasetArtifact, open_dataset
 from newsrec.errors import ArtifactError, NewsrecError
 from newsrec.serve.batching import MicroBatcher
+from newsrec.serve.clock import ServiceClock
 from newsrec.serve.index import NewsIndex, build_index, load_index
 from newsrec.utils.io import sha256_file
 
@@ -72,13 +73,15 @@ class NewsInfo:
 
 @dataclass(frozen=True)
 class _Job:
-    """One request's model work: its history (the clicks the encoders read), the keys never to
-    return (every click), how many candidates to retrieve, the request time for the re-ranker."""
+    """One request's model work: its history (the clicks the user encoder reads), every click (the
+    re-ranker reads its own ``history_len`` of them), the keys never to return, how many candidates
+    to retrieve, the request time (seconds since the epoch, the service's clock)."""
 
     history: np.ndarray
     exclude: set[int]
     retrieve_k: int
-    now: _dt.datetime | None
+    now: float | None  # None: the clock's now when the job runs
+    clicks: np.ndarray | None = None  # None: ``history`` is every click
 
 
 @dataclass(frozen=True)
@@ -121,13 +124,14 @@ class Recommender:
 
     def __init__(self, *, model: Any, config: Config, dataset: DatasetArtifact, index: NewsIndex,
                  serve_cfg: ServeConfig | None = None, reranker: Any = None,
-                 index_dir: str | Path | None = None) -> None:
+                 index_dir: str | Path | None = None, rerank_decision: str = "") -> None:
         self.model = model.eval()
         self.config = config
         self.dataset = dataset
         self.index = index
         self.serve_cfg = serve_cfg or config.serve
         self.reranker = reranker
+        self.rerank_decision = rerank_decision  # with a re-ranker directory: whether it is used, and why
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self.history_len = config.data.history_len
         self.device = next(model.parameters()).device
@@ -140,6 +144,7 @@ class Recommender:
             self._fresh_key_of[meta["news_id"]] = int(meta["key"])
             self._fresh_meta[int(meta["key"])] = meta
         self.on_batch: Any = None  # called with the size of every batched model call (metrics)
+        self.clock = ServiceClock(self._clock_start(index.fresh))
         self._evict_over_cap()
         if reranker is not None and index.fresh:
             self._register_fresh_with_reranker(index.fresh)
@@ -158,10 +163,12 @@ class Recommender:
     @classmethod
     def load(cls, model_dir: str | Path, index_dir: str | Path, *, reranker_dir: str | Path | None = None,
              data_dir: str | Path | None = None, serve_cfg: ServeConfig | None = None,
-             index_cfg: IndexConfig | None = None) -> "Recommender":
+             index_cfg: IndexConfig | None = None, rerank_use: str | None = None) -> "Recommender":
         """Open MODEL_DIR, INDEX_DIR (and RERANKER_DIR). The dataset artifact is ``data_dir`` or the
         one the model was trained on (recorded in model.json). ``index_cfg``: search-time settings
-        (nprobe, efSearch, threads) that replace the ones the index was built with."""
+        (nprobe, efSearch, threads) that replace the ones the index was built with. ``rerank_use``:
+        auto | always | never (None = the re-ranker's ``rerank.use``): the re-ranker is loaded only
+        where it is to be used (``rerank_decision`` says why)."""
         from newsrec.models.io import check_compatible, load_model
 
         loaded = load_model(model_dir)
@@ -172,28 +179,40 @@ class Recommender:
                             news_dim=loaded.model.news_dim, index_dir=Path(index_dir))
         if index_cfg is not None:
             index.configure_search(index_cfg)
-        reranker = None
+        reranker, decision = None, ""
         if reranker_dir is not None:
-            from newsrec.models.reranker import load_reranker
+            from newsrec.inference.rerank import open_two_stage
 
-            reranker = load_reranker(reranker_dir, retriever_dir=model_dir)
+            reranker, decision = open_two_stage(reranker_dir, retriever_dir=model_dir, use=rerank_use)
         return cls(model=loaded.model, config=loaded.config, dataset=dataset, index=index,
-                   serve_cfg=serve_cfg or loaded.config.serve, reranker=reranker, index_dir=index_dir)
+                   serve_cfg=serve_cfg or loaded.config.serve, reranker=reranker, index_dir=index_dir,
+                   rerank_decision=decision)
+
+    def _clock_start(self, fresh: list[dict]) -> float:
+        """Where the service's clock starts: the end of the dataset's log (and of the re-ranker's),
+        or the latest fresh news already added when that is later."""
+        from newsrec.data import schema
+
+        ends = [max((_seconds_of(pl.scan_parquet(self.dataset.root / schema.behaviors_file(s))
+                                 .select(pl.col("time").max()).collect().item()) for s in self.dataset.splits),
+                    default=0.0)]
+        if self.reranker is not None:
+            ends.append(self.reranker.log_end())
+        ends += [ServiceClock.parse(m["added_at"]) for m in fresh if m.get("added_at")]
+        return max(ends)
 
     def _register_fresh_with_reranker(self, fresh: list[dict]) -> None:
-        """Fresh news saved with the index become known to the re-ranker (no clicks, their age)."""
-        undated = [m for m in fresh if not m.get("added_at")]
-        if undated:  # one call for all news without an age (the re-ranker's reference now)
-            keys = np.array([int(m["key"]) for m in undated], dtype=np.int64)
-            self.reranker.add_news(keys, self.index.vectors_of(keys),
-                                   category_idx=np.array([int(m.get("category_idx", 0)) for m in undated]),
-                                   subcategory_idx=np.array([int(m.get("subcategory_idx", 0)) for m in undated]))
-        for meta in (m for m in fresh if m.get("added_at")):
-            key = np.array([int(meta["key"])], dtype=np.int64)
-            self.reranker.add_news(key, self.index.vectors_of(key),
-                                   category_idx=np.array([int(meta.get("category_idx", 0))]),
-                                   subcategory_idx=np.array([int(meta.get("subcategory_idx", 0))]),
-                                   first_seen=_dt.datetime.fromisoformat(meta["added_at"]))
+        """Fresh news saved with the index become known to the re-ranker (no clicks; first seen when
+        they were added, on the service's clock; news saved without that time: the clock's start)."""
+        keys = np.array([int(m["key"]) for m in fresh], dtype=np.int64)
+        seen = np.array([ServiceClock.parse(m["added_at"]) if m.get("added_at") else self.clock.start_seconds
+                         for m in fresh])
+        for when in np.unique(seen):
+            pick = seen == when
+            self.reranker.add_news(keys[pick], self.index.vectors_of(keys[pick]), first_seen=float(when),
+                                   category_idx=np.array([int(m.get("category_idx", 0)) for m, p in zip(fresh, pick) if p]),
+                                   subcategory_idx=np.array([int(m.get("subcategory_idx", 0))
+                                                             for m, p in zip(fresh, pick) if p]))
 
     # ------------------------------------------------------------------ ids
     def key_of(self, news_id: str) -> int | None:
@@ -320,7 +339,8 @@ class Recommender:
                                    f"{self.serve_cfg.max_history}")
             history_keys, ignored = self.resolve_history(history, ignore_unknown=ignore_unknown)
         job = _Job(history=history_keys[-self.history_len:], exclude=set(history_keys.tolist()),
-                   retrieve_k=max(self.serve_cfg.retrieve_k, k), now=now)
+                   retrieve_k=max(self.serve_cfg.retrieve_k, k),
+                   now=self.clock.now() if now is None else _seconds_of(now), clicks=history_keys)
         return _Request(job=job, k=k, ignored=ignored, started=started, prepared=time.perf_counter())
 
     def _finish(self, request: "_Request", found: "_Found") -> Recommendation:
@@ -357,8 +377,9 @@ class Recommender:
             firsts.append(found.scores[b][valid][:job.retrieve_k])
         t2 = time.perf_counter()
         reranked = self.reranker is not None and any(len(c) for c in keys)
-        scores = (self.reranker.rerank_many([job.history for job in jobs], keys, firsts,
-                                            [job.now for job in jobs])
+        now = self.clock.now()
+        scores = (self.reranker.rerank_many([job.history if job.clicks is None else job.clicks for job in jobs],
+                                            keys, firsts, [now if job.now is None else job.now for job in jobs])
                   if reranked else firsts)
         t3 = time.perf_counter()
         timings = {"encode_ms": 1e3 * (t1 - t0), "retrieve_ms": 1e3 * (t2 - t1),
@@ -395,14 +416,14 @@ class Recommender:
             if self.key_of(news_id) is not None:
                 raise DuplicateNewsError(f"news '{news_id}' is already known")
             key = self.index.next_key
-            added_at = _dt.datetime.now(_dt.timezone.utc)
+            added_at = self.clock.now_datetime().isoformat(timespec="seconds")
             meta = {"news_id": news_id, "title": title, "category": category or "",
                     "subcategory": subcategory or "", "category_idx": cat_idx, "subcategory_idx": sub_idx,
-                    "added_at": added_at.isoformat(timespec="seconds")}
+                    "added_at": added_at}
             keys = np.array([key], dtype=np.int64)
             if self.reranker is not None:  # before the index: a retrieved key must be known to it
                 self.reranker.add_news(keys, vector, category_idx=np.array([cat_idx]),
-                                       subcategory_idx=np.array([sub_idx]), first_seen=added_at)
+                                       subcategory_idx=np.array([sub_idx]), first_seen=ServiceClock.parse(added_at))
             self.index.add(vector, keys, fresh=[meta])
             self._fresh_meta[key] = {**meta, "key": key}
             self._fresh_key_of[news_id] = key
@@ -451,9 +472,19 @@ class Recommender:
         return {"news": self.index.count, "fresh_news": len(self._fresh_meta),
                 "fresh_news_evicted": self.evicted, "index_kind": self.index.kind,
                 "dim": self.index.dim, "reranker": self.reranker is not None,
+                "rerank_decision": self.rerank_decision,
                 "retrieve_k": self.serve_cfg.retrieve_k,
                 "batch_max": self._batcher.max_batch if self._batcher is not None else 1,
                 "mean_batch": round(self._batcher.mean_batch, 2) if self._batcher is not None else 1.0}
+
+
+def _seconds_of(when: Any) -> float:
+    """Seconds since the epoch of a datetime (naive = UTC, as dataset times are)."""
+    if when is None:
+        return 0.0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    return when.timestamp()
 
 
 def _index_of(names: list[str], name: str | None) -> int:

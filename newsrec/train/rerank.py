@@ -1,26 +1,36 @@
 """The re-ranking stage: ``newsrec train --stage rerank --retriever MODEL_DIR``.
 
-``fit_reranker`` trains the candidate-aware re-ranker (``newsrec.models.reranker``) on the train
-impressions, on top of a trained, frozen first stage:
+``fit_reranker`` trains the candidate-aware re-ranker (``newsrec.models.reranker``) over a trained,
+frozen first stage, and decides whether it may be used:
 
-1. the first stage encodes every news once (``encode_all_news``) and every train user once;
-2. training samples are NRMS-style: each click with ``rerank.npratio`` non-clicks of the same
-   impression (drawn afresh each epoch) plus ``rerank.hard_negatives`` *retrieved* negatives — news
-   the first stage ranks in its top ``rerank.hard_negative_pool`` for that user among the news
-   available at the impression's time (first seen no later than it), never clicked by the user;
-3. popularity features of a training impression come from train impressions strictly *before* its
-   time (``PrefixCounts``: no label leakage, and news appearing for the first time get the prior
-   mean as they do at dev time); dev, test and serving use counts over the whole train split;
-4. loss: softmax cross-entropy of the click against its negatives; AdamW;
-5. dev evaluation of first stage vs two stage on the impressions' own candidates, overall and on
-   cold candidates (news unseen in train); everything logged to MLflow like the first stage.
-
-``score_impressions_two_stage`` scores a split's impressions with the two-stage model (for
-``evaluate`` / ``submit``); ``evaluate_retrieved`` compares both stages on retrieved candidates.
+1. the train log is cut by time: the re-ranker learns from its latest ``rerank.train_fraction``
+   (the slice); the latest ``rerank.guard_fraction`` of the slice is held out (the guard slice);
+2. the first-stage scores it learns from are out-of-sample: a first stage with the retriever's own
+   config is fit on the train log before the slice (``rerank.refit_first_stage``), the slice is
+   scored with it. The retriever itself scores dev, test and serving requests, which it never saw
+   either. The re-ranker reads the retriever's news vectors (those it will meet at serving);
+3. feature rows come from ``newsrec.inference.features.feature_rows`` over the log as the re-ranker
+   would see it after the train split: labels (clicks, for popularity) of the train log before the
+   slice only, showings of every split strictly before each impression's time — so training rows
+   hold news shown since the labels end, with exposure and no clicks, as dev, test and serving do;
+4. samples are NRMS-style: each click with ``rerank.npratio`` non-clicks of the same impression
+   (drawn afresh each epoch) plus ``rerank.hard_negatives`` retrieved negatives — news the first
+   stage ranks in its top ``rerank.hard_negative_pool`` for that user among the news available at
+   the impression's time, never any news the user clicked anywhere in the train log; softmax
+   cross-entropy; AdamW. Features that are constant over the training rows are dropped;
+5. after each epoch both stages are measured on the guard slice; the best epoch (two-stage AUC) is
+   kept; the guard records both stages' AUC and nDCG@10 there and whether the two-stage model won
+   (AUC >= first stage + ``rerank.guard_auc_margin``, nDCG@10 >= first stage −
+   ``rerank.guard_ndcg_tolerance``). ``rerank.use`` = auto uses the two-stage model only then;
+6. dev metrics of both stages are reported (never used to choose anything); all goes to MLflow and
+   the re-ranker's manifest.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +43,12 @@ import torch.nn.functional as F
 from newsrec.config import Config
 from newsrec.data import schema
 from newsrec.data.artifact import DatasetArtifact, Impressions, open_dataset
-from newsrec.data.popularity import (PrefixCounts, datetime64_to_seconds, first_seen_seconds,
-                                     news_counts_from_artifact, unseen_in_train)
+from newsrec.data.popularity import datetime64_to_seconds, unseen_in_train
 from newsrec.errors import ArtifactError, NewsrecError
-from newsrec.models.reranker import (LoadedReranker, NewsTables, Reranker, build_features,
-                                     padded_candidates, padded_histories, save_reranker)
+from newsrec.inference.features import (FEATURE_NAMES, EventLog, LogCounts, concat_impressions, news_tables,
+                                        padded_candidates, padded_histories, right_padded)
+from newsrec.inference.rerank import LoadedReranker, save_reranker
+from newsrec.models.reranker import Reranker
 from newsrec.train.distributed import resolve_device
 from newsrec.utils.io import sha256_file
 from newsrec.utils.progress import progress
@@ -45,10 +56,11 @@ from newsrec.utils.progress import progress
 
 @dataclass
 class RerankFitResult:
-    """What ``fit_reranker`` produced: the directory, dev metrics of both stages, the MLflow run."""
+    """What ``fit_reranker`` produced: the directory, the guard and dev metrics, the MLflow run."""
 
     out_dir: Path
-    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"first_stage", "two_stage", ...}
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # dev: {"first_stage", "two_stage", ...}
+    guard: dict[str, Any] = field(default_factory=dict)  # {"first_stage", "two_stage", "won", ...}
     run_id: str | None = None
     train_samples: int = 0
     seconds: float = 0.0
@@ -99,12 +111,13 @@ def available_mask(first_seen: np.ndarray, first_seen_known: np.ndarray, now_sec
 @torch.inference_mode()
 def retrieve_top(model: Any, user_vectors: torch.Tensor, news_vectors: torch.Tensor, impressions: Impressions,
                  *, k: int, first_seen: np.ndarray, first_seen_known: np.ndarray,
-                 exclude_candidates: bool, batch_size: int = 256,
-                 desc: str = "retrieving") -> tuple[np.ndarray, np.ndarray]:
+                 exclude_candidates: bool, excluded: tuple[np.ndarray, np.ndarray] | None = None,
+                 batch_size: int = 256, desc: str = "retrieving") -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` news by first-stage score for each impression's user, among the news available
-    at the impression's time, excluding the user's history (and, with ``exclude_candidates``, the
-    impression's own candidates). Returns (news_idx int64 [n, k], scores float32 [n, k]); slots left
-    when fewer news qualify hold news_idx 0 and score -inf.
+    at the impression's time, excluding the user's history (with ``exclude_candidates``, the
+    impression's own candidates; with ``excluded`` = (news_idx, offsets [n + 1]) in CSR, those news
+    of each impression). Returns (news_idx int64 [n, k], scores float32 [n, k]); slots left when
+    fewer news qualify hold news_idx 0 and score -inf.
     """
     n_all = news_vectors.shape[0]
     k = min(k, n_all - 1)
@@ -121,6 +134,10 @@ def retrieve_top(model: Any, user_vectors: torch.Tensor, news_vectors: torch.Ten
         if exclude_candidates:
             cand, _, _ = padded_candidates(impressions, rows)
             allowed.scatter_(1, torch.from_numpy(cand), False)
+        if excluded is not None:
+            values, offsets = excluded
+            rows_excluded = right_padded([values[offsets[r]:offsets[r + 1]] for r in rows], np.int64)
+            allowed.scatter_(1, torch.from_numpy(rows_excluded), False)
         scores = scores.masked_fill(~allowed, -math.inf)
         values, idx = torch.topk(scores, k, dim=1)
         idx = torch.where(torch.isfinite(values), idx, torch.zeros_like(idx))
@@ -129,56 +146,116 @@ def retrieve_top(model: Any, user_vectors: torch.Tensor, news_vectors: torch.Ten
     return top_idx, top_scores
 
 
-def news_tables(dataset: DatasetArtifact, news_vectors: np.ndarray,
-                opened: dict[str, Impressions]) -> tuple[NewsTables, float]:
-    """Serving-time tables (click counts over all of train, showings over every split) and the train
-    mean click-through. ``opened``: splits the caller already holds (the others are read here)."""
-    counts = news_counts_from_artifact(dataset)
-    seen, known = first_seen_seconds(dataset)
-    cat, sub = dataset.news_categories
-    displays = np.zeros(dataset.n_news + 1, dtype=np.int64)
-    for split in dataset.splits:
-        shown = (opened[split] if split in opened else dataset.impressions(split)).candidates
-        displays += np.bincount(shown, minlength=dataset.n_news + 1)[:len(displays)]
-    tables = NewsTables(vectors=np.ascontiguousarray(news_vectors, dtype=np.float32), clicks=counts.clicks,
-                        impressions=counts.impressions, displays=displays, first_seen=seen,
-                        first_seen_known=known,
-                        category=cat.astype(np.int64), subcategory=sub.astype(np.int64))
-    return tables, counts.mean_ctr
 
 
 # ------------------------------------------------------------------------------------------------
-# training samples
+# the time slices and the out-of-sample first stage
+
+
+@dataclass(frozen=True)
+class TimeSlices:
+    """Rows of the train log (int64, time order kept): ``early`` (before the re-ranker's slice:
+    the labels it may count, the first stage's fit), ``fit`` (the re-ranker learns from them) and
+    ``guard`` (the latest: epoch selection and the guard). ``slice_start`` and ``guard_start``:
+    seconds since the epoch where the later parts begin."""
+
+    early: np.ndarray
+    fit: np.ndarray
+    guard: np.ndarray
+    slice_start: float
+    guard_start: float
+
+
+def time_slices(times: np.ndarray, *, train_fraction: float, guard_fraction: float) -> TimeSlices:
+    """Cut a log by time (datetime64 [n]): the latest ``train_fraction`` of its rows form the
+    re-ranker's slice, the latest ``guard_fraction`` of the slice its guard. Rows at the same
+    second stay together. ArrayError-free: raises NewsrecError when a part comes out empty."""
+    sec = np.floor(datetime64_to_seconds(times))
+    order = np.sort(sec)
+    n = len(order)
+    n_slice = max(1, math.ceil(n * train_fraction))
+    slice_start = float(order[n - n_slice]) if n else 0.0
+    in_slice = order[order >= slice_start]
+    n_guard = max(1, math.ceil(len(in_slice) * guard_fraction))
+    guard_start = float(in_slice[len(in_slice) - n_guard]) if len(in_slice) else 0.0
+    early = np.flatnonzero(sec < slice_start)
+    fit = np.flatnonzero((sec >= slice_start) & (sec < guard_start))
+    guard = np.flatnonzero(sec >= guard_start)
+    for name, rows in (("before the re-ranker's slice", early), ("to train the re-ranker on", fit),
+                       ("for its guard", guard)):
+        if len(rows) == 0:
+            raise NewsrecError(f"the train log ({n} impressions) leaves no impression {name} with "
+                               f"rerank.train_fraction={train_fraction} and rerank.guard_fraction="
+                               f"{guard_fraction}; change them or use a longer log")
+    return TimeSlices(early=early, fit=fit, guard=guard, slice_start=slice_start, guard_start=guard_start)
+
+
+def fit_first_stage_before(retriever: Any, dataset: DatasetArtifact, rows: np.ndarray, workdir: Path) -> Any:
+    """A first stage with ``retriever``'s config fit on the train impressions ``rows`` only (no
+    tracking, no dev split: nothing of dev chooses anything). Returns the trained module."""
+    from newsrec.models.io import load_model
+    from newsrec.train.loop import fit
+
+    data = workdir / "data"
+    data.mkdir(parents=True)
+    for path in dataset.root.iterdir():
+        if path.name.startswith("behaviors-"):
+            continue
+        (data / path.name).symlink_to(path.resolve())
+    dataset.behaviors("train")[np.asarray(rows, dtype=np.int64)].write_parquet(data / schema.behaviors_file("train"))
+    config = dataclasses.replace(retriever.config,
+                                 tracking=dataclasses.replace(retriever.config.tracking, enabled=False))
+    fit(config, data_dir=data, out_dir=workdir / "model")
+    return load_model(workdir / "model").model
+
+
+def clicked_by_user(impressions: Impressions, rows_users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every news each user clicked anywhere in ``impressions`` (clicks in its impressions and the
+    histories it shows), in CSR (news_idx int64, offsets [len(rows_users) + 1]) aligned with
+    ``rows_users`` (object [m], the user of each row to answer for)."""
+    users, codes = np.unique(impressions.user_id.astype(str), return_inverse=True)
+    hist_user = np.repeat(codes, impressions.history_lengths)
+    clicked = impressions.labels > 0
+    cand_user = np.repeat(codes, impressions.candidate_counts)[clicked]
+    pairs = np.unique(np.stack([np.concatenate([hist_user, cand_user]),
+                                np.concatenate([impressions.history, impressions.candidates[clicked]])
+                                .astype(np.int64)]), axis=1)
+    starts = np.searchsorted(pairs[0], np.arange(len(users) + 1))
+    where = np.searchsorted(users, rows_users.astype(str))
+    known = (where < len(users)) & (users[np.minimum(where, len(users) - 1)] == rows_users.astype(str))
+    pieces = [pairs[1, starts[w]:starts[w + 1]] if ok else np.zeros(0, np.int64) for w, ok in zip(where, known)]
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
+    return (np.concatenate(pieces) if pieces else np.zeros(0, np.int64)), offsets
+
+
+# ------------------------------------------------------------------------------------------------
+# training rows
 
 
 @dataclass
-class _TrainData:
+class TrainingData:
     """Everything a training batch is cut from (arrays aligned with ``impressions``)."""
 
     impressions: Impressions
     now: np.ndarray  # float64 [n] impression time, seconds
-    retrieval: np.ndarray  # float32 [M] first-stage score of each candidate
-    prefix_clicks: np.ndarray  # int64 [M] clicks of the candidate before the impression
-    prefix_shown: np.ndarray  # int64 [M]
-    hard_idx: np.ndarray  # int64 [n, K] retrieved non-clicked news (0 = none)
+    retrieval: np.ndarray  # float32 [M] out-of-sample first-stage score of each candidate
+    hard_idx: np.ndarray  # int64 [n, K] retrieved news the user never clicked (0 = none)
     hard_scores: np.ndarray  # float32 [n, K]
-    prefix: PrefixCounts
+    log: LogCounts  # the log the rows see
     samples: np.ndarray  # int64 [S] candidate positions (into M) of clicks: one sample each
     sample_row: np.ndarray  # int64 [S] impression of each sample
 
 
-def _build_batch(data: _TrainData, tables: NewsTables, sample_ids: np.ndarray, *, npratio: int,
-                 hard_negatives: int, history_len: int, prior: float, mean_ctr: float,
-                 rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One batch: candidates [B, C] = click, npratio impression non-clicks, hard negatives."""
+def training_rows(data: TrainingData, reranker: LoadedReranker, sample_ids: np.ndarray, *, npratio: int,
+                  hard_negatives: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One batch: candidates [B, C] = click, ``npratio`` impression non-clicks, ``hard_negatives``
+    retrieved ones; features from ``reranker.features_for`` (the path every score takes)."""
     imps = data.impressions
     b = len(sample_ids)
     c = 1 + npratio + hard_negatives
     cand = np.zeros((b, c), dtype=np.int64)
     mask = np.zeros((b, c), dtype=bool)
     ret = np.zeros((b, c), dtype=np.float64)
-    clicks = np.zeros((b, c), dtype=np.int64)
-    shown = np.zeros((b, c), dtype=np.int64)
     rows = data.sample_row[sample_ids]
     for j, (pos, row) in enumerate(zip(data.samples[sample_ids], rows)):
         lo, hi = imps.candidate_offsets[row], imps.candidate_offsets[row + 1]
@@ -189,8 +266,6 @@ def _build_batch(data: _TrainData, tables: NewsTables, sample_ids: np.ndarray, *
         n = len(picks)
         cand[j, :n] = imps.candidates[picks]
         ret[j, :n] = data.retrieval[picks]
-        clicks[j, :n] = data.prefix_clicks[picks]
-        shown[j, :n] = data.prefix_shown[picks]
         mask[j, :n] = True
         if hard_negatives:
             pool = np.flatnonzero(data.hard_idx[row] > 0)
@@ -199,18 +274,9 @@ def _build_batch(data: _TrainData, tables: NewsTables, sample_ids: np.ndarray, *
             cand[j, slot] = data.hard_idx[row, chosen]
             ret[j, slot] = data.hard_scores[row, chosen]
             mask[j, slot] = True
-    hard_cols = slice(1 + npratio, c)
-    if hard_negatives:
-        hc, hs = data.prefix.at(cand[:, hard_cols], np.floor(data.now[rows])[:, None])
-        clicks[:, hard_cols] = np.where(mask[:, hard_cols], hc, 0)
-        shown[:, hard_cols] = np.where(mask[:, hard_cols], hs, 0)
-    hist, hist_mask = padded_histories(imps, rows, max_len=history_len)
-    feats = build_features(
-        retrieval_scores=ret, clicks=clicks, impressions=shown, exposure=shown,  # train's past = its prefix
-        age_seconds=data.now[rows][:, None] - tables.first_seen[cand], age_known=tables.first_seen_known[cand],
-        candidate_category=tables.category[cand], candidate_subcategory=tables.subcategory[cand],
-        history_category=tables.category[hist], history_subcategory=tables.subcategory[hist],
-        history_mask=hist_mask, prior=prior, mean_ctr=mean_ctr)
+    hist, hist_mask = padded_histories(imps, rows, max_len=reranker.history_len)
+    feats = reranker.features_for(data.log, history_idx=hist, history_mask=hist_mask, candidate_idx=cand,
+                                  retrieval_scores=ret, now_seconds=data.now[rows])
     return {"history": hist, "history_mask": hist_mask, "candidates": cand, "candidate_mask": mask,
             "features": feats}
 
@@ -228,16 +294,30 @@ def _batch_loss(model: Reranker, batch: dict[str, np.ndarray], vectors: torch.Te
     return F.cross_entropy(scores, target)
 
 
-def _train_rows(impressions: Impressions, max_impressions: int) -> np.ndarray:
-    """Labelled impressions with a click, the most recent ``max_impressions`` of them (0 = all)."""
-    has_click = np.add.reduceat(impressions.labels.astype(np.int64),
-                                impressions.candidate_offsets[:-1]) if len(impressions.labels) else np.zeros(0)
-    has_click = (has_click > 0) & (impressions.candidate_counts > 0)
-    rows = np.flatnonzero(has_click)
+def _with_click(impressions: Impressions, rows: np.ndarray, max_impressions: int = 0) -> np.ndarray:
+    """``rows`` of labelled impressions holding a click and a candidate, the most recent
+    ``max_impressions`` of them (0 = all)."""
+    clicks = np.add.reduceat(impressions.labels.astype(np.int64), impressions.candidate_offsets[:-1]) \
+        if len(impressions.labels) else np.zeros(len(impressions), dtype=np.int64)
+    clicks = np.where(impressions.candidate_counts > 0, clicks, 0)
+    rows = rows[clicks[rows] > 0]
     if max_impressions and len(rows) > max_impressions:
         order = np.argsort(impressions.time[rows], kind="stable")
         rows = np.sort(rows[order[-max_impressions:]])
     return rows
+
+
+def feature_stats(data: TrainingData, reranker: LoadedReranker, rng: np.random.Generator, *, npratio: int,
+                  hard_negatives: int, batch_size: int, n_batches: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Means and standard deviations (float64 [F]) of the features over real candidates of a
+    few training batches."""
+    rows = []
+    for _ in range(n_batches):
+        ids = rng.choice(len(data.samples), min(batch_size, len(data.samples)), replace=False)
+        batch = training_rows(data, reranker, ids, npratio=npratio, hard_negatives=hard_negatives, rng=rng)
+        rows.append(batch["features"][batch["candidate_mask"]])
+    feats = np.concatenate(rows).astype(np.float64)
+    return feats.mean(axis=0), feats.std(axis=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,32 +325,26 @@ def _train_rows(impressions: Impressions, max_impressions: int) -> np.ndarray:
 
 
 def score_impressions_two_stage(retriever: Any, reranker: LoadedReranker, impressions: Impressions, *,
-                                batch_size: int | None = None, device: str | torch.device = "cpu",
-                                first_stage_scores: np.ndarray | None = None,
+                                log: LogCounts, batch_size: int | None = None,
+                                device: str | torch.device = "cpu", first_stage_scores: np.ndarray | None = None,
                                 show_progress: bool = True) -> np.ndarray:
     """Two-stage scores of every candidate of ``impressions``: float32 [M] aligned with
     ``impressions.candidates`` (the same shape as the first stage's ``score_impressions``).
 
-    retriever: the first stage (a ``LoadedModel`` or a ``NewsRecommender``); its news vectors are the
-    ones stored with the re-ranker (same model, checked by fingerprint on load). ``first_stage_scores``
-    [M] skips recomputing the first stage when the caller already has them.
+    retriever: the first stage (a ``LoadedModel``); its news vectors are the ones stored with the
+    re-ranker (same model, checked by fingerprint on load). ``first_stage_scores`` [M] skips
+    recomputing the first stage when the caller already has them. ``log``: as in
+    ``LoadedReranker.score_impressions``.
     """
-    model = getattr(retriever, "model", retriever)
-    history_len = _retriever_history_len(retriever, reranker)
-    device = torch.device(device)
     batch = batch_size or reranker.config.rerank.eval_batch_size
     if first_stage_scores is None:
         vectors = torch.from_numpy(reranker.tables.vectors)
-        users = encode_users(model, vectors, impressions, history_len=history_len, batch_size=batch * 4,
-                             device=device)
-        first_stage_scores = first_stage_candidate_scores(model, users, vectors, impressions, batch_size=batch * 4)
-    return reranker.score_impressions(impressions, retrieval_scores=first_stage_scores, batch_size=batch,
-                                      show_progress=show_progress)
-
-
-def _retriever_history_len(retriever: Any, reranker: LoadedReranker) -> int:
-    config = getattr(retriever, "config", None)
-    return config.data.history_len if config is not None else reranker.config.data.history_len
+        users = encode_users(retriever.model, vectors, impressions, history_len=retriever.config.data.history_len,
+                             batch_size=batch * 4, device=torch.device(device))
+        first_stage_scores = first_stage_candidate_scores(retriever.model, users, vectors, impressions,
+                                                          batch_size=batch * 4)
+    return reranker.score_impressions(impressions, retrieval_scores=first_stage_scores, log=log,
+                                      batch_size=batch, show_progress=show_progress)
 
 
 def compare_on_impressions(labels: np.ndarray, offsets: np.ndarray, first_stage: np.ndarray,
@@ -289,18 +363,17 @@ def compare_on_impressions(labels: np.ndarray, offsets: np.ndarray, first_stage:
 
 
 def evaluate_retrieved(retriever: Any, reranker: LoadedReranker, impressions: Impressions, *, retrieve_k: int,
-                       batch_size: int = 64, device: str | torch.device = "cpu",
-                       shown_in: Impressions | None = None) -> dict[str, dict[str, Any]]:
+                       log: LogCounts, batch_size: int = 64,
+                       device: str | torch.device = "cpu") -> dict[str, dict[str, Any]]:
     """Both stages on *retrieved* candidates: for each impression, the first stage retrieves its top
     ``retrieve_k`` news available at that time (history excluded); a retrieved news is relevant when
     the impression shows it clicked. The first stage ranks by its score, the two-stage model re-ranks
-    the same list. ``shown_in``: the whole log ``impressions`` was sampled from (exposure counts
-    come from it; default ``impressions``). Returns {"first_stage", "two_stage"} metrics (impressions where no click was
+    the same list. ``log``: what the log tells before each impression (``EventLog.of_dataset``). Returns {"first_stage", "two_stage"} metrics (impressions where no click was
     retrieved count as ``no_click``) plus "recall" (share of clicks retrieved)."""
     from newsrec.eval.metrics import compute_metrics
 
     model = getattr(retriever, "model", retriever)
-    history_len = _retriever_history_len(retriever, reranker)
+    history_len = retriever.config.data.history_len
     vectors = torch.from_numpy(reranker.tables.vectors)
     n_news = int(reranker.manifest["n_news"])
     users = encode_users(model, vectors[: n_news + 1], impressions, history_len=history_len,
@@ -324,8 +397,7 @@ def evaluate_retrieved(retriever: Any, reranker: LoadedReranker, impressions: Im
                             candidates=top_idx[valid].astype(np.int32), candidate_offsets=offsets,
                             labels=clicked[valid])
     first = top_scores[valid].astype(np.float32)
-    two = reranker.score_impressions(retrieved, retrieval_scores=first, batch_size=batch_size,
-                                     shown_in=impressions if shown_in is None else shown_in)
+    two = reranker.score_impressions(retrieved, retrieval_scores=first, log=log, batch_size=batch_size)
     total_clicks = int(sum(int(impressions.labels_of(i).sum()) for i in range(len(impressions))))
     return {"first_stage": compute_metrics(retrieved.labels, first, offsets),
             "two_stage": compute_metrics(retrieved.labels, two, offsets),
@@ -333,15 +405,24 @@ def evaluate_retrieved(retriever: Any, reranker: LoadedReranker, impressions: Im
                        "recall": clicked.sum() / max(total_clicks, 1), "retrieve_k": k}}
 
 
+
+
 # ------------------------------------------------------------------------------------------------
 # the stage
 
 
+def guard_verdict(first: dict[str, Any], two: dict[str, Any], *, auc_margin: float,
+                  ndcg_tolerance: float) -> bool:
+    """Whether the two-stage model won: AUC >= first + margin and nDCG@10 >= first − tolerance."""
+    return bool(two["auc"] >= first["auc"] + auc_margin and two["ndcg@10"] >= first["ndcg@10"] - ndcg_tolerance)
+
+
 def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | Path,
                  out_dir: str | Path) -> RerankFitResult:
-    """Train the re-ranker on ``data_dir``'s train impressions over the frozen first stage in
-    ``retriever_dir``; write RERANKER_DIR ``out_dir`` (see ``newsrec.models.reranker``)."""
+    """Train the re-ranker on ``data_dir``'s train log over the frozen first stage in
+    ``retriever_dir``; write RERANKER_DIR ``out_dir`` (see ``newsrec.inference.rerank``)."""
     from newsrec.eval.evaluate import encode_all_news
+    from newsrec.eval.metrics import compute_metrics
     from newsrec.models.io import check_compatible, load_model
     from newsrec.train import tracking
 
@@ -353,12 +434,10 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
     retriever = load_model(retriever_dir)
     check_compatible(retriever.manifest, dataset)
     device = resolve_device(config.train.device)
-    retriever.model.to(device)
     torch.manual_seed(rcfg.seed)
     rng = np.random.default_rng(rcfg.seed)
-    history_len = rcfg.history_len or config.data.history_len
-    first_history_len = retriever.config.data.history_len
     batch_eval = config.train.eval_batch_size
+    cpu = torch.device("cpu")
 
     with tracking.start_run(config.tracking, run_name="rerank") as run:
         tracking.log_params(config.flat())
@@ -366,49 +445,83 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
                              "data_dir": str(dataset.root.resolve())})
         tracking.set_tags(tracking.system_info(device=str(device), world_size=1))
 
-        news_vectors = encode_all_news(retriever.model, dataset, batch_size=batch_eval, device=device)
-        news_vectors = news_vectors.detach().float().cpu()
         all_train = dataset.impressions("train")
-        dev = dataset.impressions("dev") if "dev" in dataset.splits else None
-        opened = {"train": all_train} | ({"dev": dev} if dev is not None else {})
-        tables, mean_ctr = news_tables(dataset, news_vectors.numpy(), opened)
         if all_train.labels is None:
             raise ArtifactError(f"{dataset.root}: the train split has no labels")
-        prefix = PrefixCounts(all_train)
-        train = all_train.select(_train_rows(all_train, rcfg.max_train_impressions))
-        if len(train) == 0:
-            raise NewsrecError(f"{dataset.root}: no train impression has a click; nothing to train on")
-        users = encode_users(retriever.model, news_vectors, train, history_len=first_history_len,
-                             batch_size=batch_eval, device=device)
-        users = users.cpu()
-        retrieval = first_stage_candidate_scores(retriever.model.cpu(), users, news_vectors, train,
-                                                 batch_size=batch_eval)
-        pre_clicks, pre_shown = prefix.for_candidates(train)
+        opened = {"train": all_train}
+        dev = dataset.impressions("dev") if "dev" in dataset.splits else None
+        if dev is not None:
+            opened["dev"] = dev
+        full_log = EventLog.of_dataset(dataset, opened)
+        parts = time_slices(all_train.time, train_fraction=rcfg.train_fraction, guard_fraction=rcfg.guard_fraction)
+        # the log the re-ranker learns in: labels before its slice, showings of every split
+        train_log = EventLog(all_train.select(parts.early), concat_impressions(
+            [opened[s] if s in opened else dataset.impressions(s) for s in dataset.splits]))
+
+        news_vectors = encode_all_news(retriever.model.to(device), dataset, batch_size=batch_eval,
+                                       device=device).detach().float().cpu()
+        retriever.model.cpu()
+        tables = news_tables(dataset, news_vectors.numpy(), full_log)
+        history_len = rcfg.history_len or config.data.history_len
+        model = Reranker(rcfg, news_dim=news_vectors.shape[1], n_features=len(FEATURE_NAMES))
+        reranker = LoadedReranker(model=model, config=config, tables=tables, manifest={
+            "n_news": dataset.n_news, "mean_ctr": full_log.mean_ctr, "popularity_prior": rcfg.popularity_prior,
+            "log_end": full_log.end_seconds})
+
+        # out-of-sample first-stage scores of the slice
+        with tempfile.TemporaryDirectory(prefix="newsrec-first-stage-") as work:
+            if rcfg.refit_first_stage:
+                first_model = fit_first_stage_before(retriever, dataset, parts.early, Path(work)).cpu().eval()
+            else:
+                first_model = retriever.model.eval()
+        first_vectors = (encode_all_news(first_model, dataset, batch_size=batch_eval, device=cpu).float()
+                         if rcfg.refit_first_stage else news_vectors)
+        first_history_len = retriever.config.data.history_len
+
+        fit_rows = _with_click(all_train, parts.fit, rcfg.max_train_impressions)
+        guard_rows = _with_click(all_train, parts.guard)
+        if len(fit_rows) == 0 or len(guard_rows) == 0:
+            raise NewsrecError(f"{dataset.root}: no clicked impression in the re-ranker's "
+                               f"{'training slice' if len(fit_rows) == 0 else 'guard slice'}")
+        train, guard = all_train.select(fit_rows), all_train.select(guard_rows)
+        users = encode_users(first_model, first_vectors, train, history_len=first_history_len,
+                             batch_size=batch_eval, device=cpu)
+        retrieval = first_stage_candidate_scores(first_model, users, first_vectors, train, batch_size=batch_eval)
+        guard_users = encode_users(first_model, first_vectors, guard, history_len=first_history_len,
+                                   batch_size=batch_eval, device=cpu, desc="encoding guard users")
+        guard_first = first_stage_candidate_scores(first_model, guard_users, first_vectors, guard,
+                                                   batch_size=batch_eval)
         if rcfg.hard_negatives:
             hard_idx, hard_scores = retrieve_top(
-                retriever.model, users, news_vectors, train, k=rcfg.hard_negative_pool,
+                first_model, users, first_vectors, train, k=rcfg.hard_negative_pool,
                 first_seen=tables.first_seen, first_seen_known=tables.first_seen_known,
-                exclude_candidates=True, desc="retrieving hard negatives")
+                exclude_candidates=True, excluded=clicked_by_user(all_train, train.user_id),
+                desc="retrieving hard negatives")
         else:
             hard_idx = np.zeros((len(train), 1), dtype=np.int64)
             hard_scores = np.zeros((len(train), 1), dtype=np.float32)
         samples = np.flatnonzero(train.labels > 0)
         sample_row = np.searchsorted(train.candidate_offsets, samples, side="right") - 1
-        now = datetime64_to_seconds(train.time)
-        data = _TrainData(train, now, retrieval, pre_clicks, pre_shown, hard_idx, hard_scores, prefix,
-                          samples, sample_row)
-        batch_kw = dict(npratio=rcfg.npratio, hard_negatives=rcfg.hard_negatives, history_len=history_len,
-                        prior=rcfg.popularity_prior, mean_ctr=prefix.mean_ctr)
+        data = TrainingData(train, datetime64_to_seconds(train.time), retrieval, hard_idx, hard_scores,
+                            train_log, samples, sample_row)
+        rows_kw = dict(npratio=rcfg.npratio, hard_negatives=rcfg.hard_negatives)
 
-        model = Reranker(rcfg, news_dim=news_vectors.shape[1])
-        _fit_feature_stats(model, data, tables, batch_kw, rng, batch_size=rcfg.batch_size)
+        mean, std = feature_stats(data, reranker, rng, batch_size=rcfg.batch_size, **rows_kw)
+        used = model.set_feature_stats(mean, std)
+        dropped = [n for n, u in zip(FEATURE_NAMES, used) if not u]
+        tracking.log_params({"rerank.features_dropped": ",".join(dropped) or "none",
+                             "rerank.slice_start": parts.slice_start, "rerank.guard_start": parts.guard_start})
         model.to(device)
+        reranker.device = device
+        vectors = torch.from_numpy(tables.vectors)
         optimizer = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, weight_decay=rcfg.weight_decay)
         steps_per_epoch = math.ceil(len(samples) / rcfg.batch_size)
         total_steps = steps_per_epoch * rcfg.epochs
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / max(1, min(100, total_steps // 10)))
             * max(0.05, 1.0 - s / max(1, total_steps)))
+        first_metrics = compute_metrics(guard.labels, guard_first, guard.candidate_offsets)
+        best: tuple[float, int, dict[str, torch.Tensor], dict[str, Any]] | None = None
         step = 0
         for epoch in range(rcfg.epochs):
             model.train()
@@ -417,8 +530,8 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
             running = 0.0
             for i in bar:
                 ids = order[i * rcfg.batch_size:(i + 1) * rcfg.batch_size]
-                batch = _build_batch(data, tables, ids, rng=rng, **batch_kw)
-                loss = _batch_loss(model, batch, news_vectors, device)
+                batch = training_rows(data, reranker, ids, rng=rng, **rows_kw)
+                loss = _batch_loss(model, batch, vectors, device)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
@@ -429,42 +542,47 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
                 bar.set_postfix(loss=f"{running:.4f}")
                 if step % config.train.log_every_steps == 0:
                     tracking.log_metrics({"rerank_loss": running}, step=step)
-            tracking.log_metrics({"rerank_epoch_loss": running}, step=step)
-        model.eval()
+            model.eval()
+            two = reranker.score_impressions(guard, retrieval_scores=guard_first, log=train_log,
+                                             batch_size=rcfg.eval_batch_size, show_progress=False)
+            two_metrics = compute_metrics(guard.labels, two, guard.candidate_offsets)
+            tracking.log_metrics({"rerank_epoch_loss": running, "guard_two_stage_auc": two_metrics["auc"],
+                                  "guard_two_stage_ndcg10": two_metrics["ndcg@10"]}, step=step)
+            if best is None or two_metrics["auc"] > best[0]:
+                best = (two_metrics["auc"], epoch + 1, copy.deepcopy(model.state_dict()), two_metrics)
+        _, best_epoch, state, two_metrics = best
+        model.load_state_dict(state)
+        model.cpu().eval()
+        reranker.device = cpu
+        won = guard_verdict(first_metrics, two_metrics, auc_margin=rcfg.guard_auc_margin,
+                            ndcg_tolerance=rcfg.guard_ndcg_tolerance)
+        guard_record = {"first_stage": first_metrics, "two_stage": two_metrics, "won": won,
+                        "impressions": int(len(guard)), "best_epoch": best_epoch,
+                        "auc_margin": rcfg.guard_auc_margin, "ndcg_tolerance": rcfg.guard_ndcg_tolerance,
+                        "first_stage_refit": rcfg.refit_first_stage}
+        tracking.log_metrics({"guard_first_stage_auc": first_metrics["auc"],
+                              "guard_first_stage_ndcg10": first_metrics["ndcg@10"],
+                              "guard_two_stage_auc": two_metrics["auc"],
+                              "guard_two_stage_ndcg10": two_metrics["ndcg@10"], "guard_won": float(won),
+                              "rerank_best_epoch": best_epoch})
 
-        reference_time = float(tables.first_seen[tables.first_seen_known].max()) if tables.first_seen_known.any() else 0.0
-        dataset_sha = sha256_file(dataset.root / schema.MANIFEST)
-        loaded = LoadedReranker(model=model.cpu(), config=config, tables=tables, manifest={
-            "n_news": dataset.n_news, "mean_ctr": mean_ctr, "popularity_prior": rcfg.popularity_prior,
-            "reference_time": reference_time})
         metrics: dict[str, dict[str, Any]] = {}
-        if dev is not None and dev.labels is not None:
-            dev_users = encode_users(retriever.model.cpu(), news_vectors, dev, history_len=first_history_len,
-                                     batch_size=batch_eval, device=torch.device("cpu"))
-            first = first_stage_candidate_scores(retriever.model, dev_users, news_vectors, dev,
-                                                 batch_size=batch_eval)
-            two = loaded.score_impressions(dev, retrieval_scores=first, batch_size=rcfg.eval_batch_size)
+        if dev is not None and dev.labels is not None:  # reported, never used to choose
+            dev_users = encode_users(retriever.model, news_vectors, dev, history_len=first_history_len,
+                                     batch_size=batch_eval, device=cpu)
+            first = first_stage_candidate_scores(retriever.model, dev_users, news_vectors, dev, batch_size=batch_eval)
+            two = reranker.score_impressions(dev, retrieval_scores=first, log=full_log,
+                                             batch_size=rcfg.eval_batch_size)
             cold = unseen_in_train(dataset)[dev.candidates]
             metrics = compare_on_impressions(dev.labels, dev.candidate_offsets, first, two, cold)
             for name, values in metrics.items():
                 tracking.log_metrics({f"dev_{name}_{k}": v for k, v in values.items()})
         save_reranker(out_dir, model, config, retriever_dir=retriever_dir, dataset_root=dataset.root,
-                      dataset_manifest_sha256=dataset_sha, tables=tables, mean_ctr=mean_ctr,
-                      reference_time=reference_time,
-                      extra={"metrics": metrics, "mlflow_run_id": run.run_id, "train_samples": int(len(samples)),
-                             "train_impressions": int(len(train))})
+                      dataset_manifest_sha256=sha256_file(dataset.root / schema.MANIFEST), tables=tables,
+                      mean_ctr=full_log.mean_ctr, log_end=full_log.end_seconds,
+                      extra={"guard": guard_record, "metrics": metrics, "mlflow_run_id": run.run_id,
+                             "train_samples": int(len(samples)), "train_impressions": int(len(train)),
+                             "slice_start": parts.slice_start, "guard_start": parts.guard_start})
         tracking.log_artifact(out_dir, artifact_path="reranker")
-    return RerankFitResult(out_dir=Path(out_dir), metrics=metrics, run_id=run.run_id,
+    return RerankFitResult(out_dir=Path(out_dir), metrics=metrics, guard=guard_record, run_id=run.run_id,
                            train_samples=int(len(samples)), seconds=time.perf_counter() - started)
-
-
-def _fit_feature_stats(model: Reranker, data: _TrainData, tables: NewsTables, batch_kw: dict[str, Any],
-                       rng: np.random.Generator, *, batch_size: int, n_batches: int = 20) -> None:
-    """Feature means and standard deviations over real candidates of a few training batches."""
-    rows = []
-    for _ in range(n_batches):
-        ids = rng.choice(len(data.samples), min(batch_size, len(data.samples)), replace=False)
-        batch = _build_batch(data, tables, ids, rng=rng, **batch_kw)
-        rows.append(batch["features"][batch["candidate_mask"]])
-    feats = np.concatenate(rows).astype(np.float64)
-    model.set_feature_stats(feats.mean(axis=0), feats.std(axis=0))
