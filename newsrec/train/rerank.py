@@ -203,8 +203,10 @@ def fit_first_stage_before(retriever: Any, dataset: DatasetArtifact, rows: np.nd
             continue
         (data / path.name).symlink_to(path.resolve())
     dataset.behaviors("train")[np.asarray(rows, dtype=np.int64)].write_parquet(data / schema.behaviors_file("train"))
+    # the slice's dataset holds only these train rows, whatever the retriever itself was fit on
     config = dataclasses.replace(retriever.config,
-                                 tracking=dataclasses.replace(retriever.config.tracking, enabled=False))
+                                 tracking=dataclasses.replace(retriever.config.tracking, enabled=False),
+                                 train=dataclasses.replace(retriever.config.train, fit_splits="train"))
     fit(config, data_dir=data, out_dir=workdir / "model")
     return load_model(workdir / "model").model
 
