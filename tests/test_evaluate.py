@@ -16,6 +16,7 @@ from newsrec.data.artifact import DatasetArtifact
 from newsrec.eval.evaluate import (distinct_histories, encode_all_news, score_impressions,
                                    score_impressions_slow)
 from newsrec.eval.metrics import compute_metrics
+from newsrec.models.inputs import NewsInputs
 from newsrec.utils.io import write_json
 
 TITLE_LEN = 6
@@ -96,7 +97,8 @@ class BagOfWordsRecommender(nn.Module):
         self.empty = nn.Parameter(torch.randn(dim))
         self.dropout = nn.Dropout(0.5)  # must be off during evaluation
 
-    def encode_news(self, title_tokens, category=None, subcategory=None):
+    def encode_news(self, news):
+        title_tokens, category = news.title_tokens, news.category
         mask = (title_tokens != 0).float().unsqueeze(-1)
         vec = (self.words(title_tokens) * mask).sum(1) / mask.sum(1).clamp(min=1)
         if category is not None:
@@ -141,7 +143,8 @@ def test_encode_all_news_row0_zero_and_matches_direct_encoding(artifact):
     tokens = torch.from_numpy(artifact.title_tokens[[5, 17]].astype(np.int64))
     cat = torch.from_numpy(artifact.news_categories[0][[5, 17]])
     with torch.no_grad():
-        torch.testing.assert_close(vectors[[5, 17]], model.encode_news(tokens, cat))
+        news = NewsInputs(category=cat, subcategory=torch.zeros_like(cat), title_tokens=tokens)
+        torch.testing.assert_close(vectors[[5, 17]], model.encode_news(news))
 
 
 def test_distinct_histories_dedupe_and_keep_most_recent(artifact):

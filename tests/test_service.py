@@ -180,7 +180,8 @@ def test_fresh_title_tokens_match_ingest(service, serving_dirs):
     dataset = serving_dirs.dataset
     for idx in (1, 2, dataset.n_news):
         title = str(dataset.news.filter(dataset.news["news_idx"] == idx)["title"][0])
-        np.testing.assert_array_equal(service._title_tokens(title), dataset.title_tokens[idx])
+        fresh = service.news_features().fresh([title], [0], [0])["title_tokens"][0]
+        np.testing.assert_array_equal(fresh, dataset.title_tokens[idx])
 
 
 def test_index_refused_for_another_model(serving_dirs, tmp_path):
