@@ -1,104 +1,308 @@
-"""Dev quality on a `newsrec synth --size small` artifact: Fastformer vs MHSA (same budget) vs
-popularity vs the oracle.
+"""One quality table: every model on several generated worlds and a real-text world, beside the
+hand-made baselines, the history-only limit and the oracle, with the spread over seeds.
 
-    python benchmarks/quality.py --data DATASET_DIR --truth SYNTH_DIR/ground_truth
-                                 [--config configs/demo.yaml] [--baseline configs/nrms_mhsa.yaml]
-                                 [-o key=value ...]
+    python benchmarks/quality.py [--worlds default,cold-test,...] [--news PATH/news.tsv]
+                                 [--seeds 0,1,2] [--size demo] [--work DIR] [-o key=value ...]
 
-Fastformer trains with ``--config`` (the demo default), MHSA with ``--baseline`` (identical except
-``model.encoder``), both with the same overrides; the popularity baseline scores each candidate by
-its train click-through (news.parquet train_clicks / train_impressions; news never shown in train
-get the mean); the oracle is the generator's true click probability (ground_truth/oracle_metrics.json).
-Targets: Fastformer ≥ MHSA − 0.005 and ≥ popularity + 0.05 dev AUC; the gap to the oracle is reported.
-Writes docs/benchmarks/quality.{json,png}.
+For every (world, seed) cell: ``newsrec synth`` writes the world (``--news`` makes the ``real-*``
+worlds: simulated users over a real MIND news.tsv), the test split is given its true labels from
+``ground_truth/`` (the generator knows them; MIND's own test has none), everything is ingested, and
+then every row is scored on dev and on test:
+
+- oracle: the generator's true click probabilities;
+- history-only limit: what a score that sees only the history (and, separately, the true
+  popularity) can reach, where the generator computes it;
+- popularity, heuristic (category/subcategory share-lift), logreg (logistic regression over
+  history-share, entity-overlap, smoothed-CTR and history-length features): ``evaluate --baseline``;
+- Fastformer (``configs/demo.yaml``), MHSA (``configs/nrms_mhsa.yaml``: the same but the layer),
+  and Fastformer + re-ranker, each trained with selection on the latest slice of the training log.
+
+Dev and test only report; nothing is selected on them. "test cold" is the test impressions whose
+candidates were all unseen in training (the MIND test week's situation). Each finished cell is saved
+under ``--work`` and skipped when the script runs again, so an interrupted run resumes. Writes
+docs/benchmarks/quality.{json,png} and prints the table (mean ± std over the seeds that finished).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
+import statistics
 import sys
-import tempfile
 import time
+import traceback
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_table, save_figure, use_agg_backend, write_results  # noqa: E402
+from common import save_figure, use_agg_backend, write_results  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 from newsrec.config import load_config  # noqa: E402
 from newsrec.data.artifact import open_dataset  # noqa: E402
-from newsrec.data.popularity import news_counts_from_artifact  # noqa: E402
+from newsrec.data.ingest import ingest  # noqa: E402
+from newsrec.data.synth import generate  # noqa: E402
+from newsrec.eval.evaluate import evaluate, seen_news_mask  # noqa: E402
 from newsrec.eval.metrics import compute_metrics  # noqa: E402
 from newsrec.train import fit  # noqa: E402
+from newsrec.utils.io import atomic_dir, write_json  # noqa: E402
 
-METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10")
 REPO = Path(__file__).resolve().parent.parent
+METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10")
+SPLITS = ("dev", "test", "test_cold")
+GENERATED_WORLDS = ("default", "cold-test", "uniform-exposure", "entity-interest", "drift", "text-topics")
+REAL_WORLDS = {"real-text": "default", "real-text-topics": "text-topics"}  # name -> generator world
+ROWS = ("oracle", "history-only", "history-only + popularity", "popularity", "heuristic", "logreg",
+        "MHSA", "Fastformer", "Fastformer + re-ranker")
 
 
-def popularity_metrics(data_dir: Path) -> dict[str, Any]:
-    dataset = open_dataset(data_dir)
-    dev = dataset.impressions("dev")
-    scores = news_counts_from_artifact(dataset).ctr(dev.candidates, prior=0.0)
-    return compute_metrics(dev.labels, scores, dev.candidate_offsets)
+# ---------------------------------------------------------------------------------------------
+# one cell
 
 
-def train_one(config_path: Path, overrides: list[str], data_dir: Path, out_dir: Path) -> dict[str, Any]:
-    config = load_config(config_path, [*overrides, "tracking.enabled=false"])
+def labelled_test(synth_dir: Path, out_dir: Path) -> Path:
+    """A MIND folder holding the test split with its true labels (from ground_truth/) so that it can
+    be ingested and evaluated like dev. The candidates' order is checked against the truth."""
+    import polars as pl
+
+    truth = pl.read_parquet(synth_dir / "ground_truth" / "test_truth.parquet")
+    labels = {int(i): (c, l) for i, c, l in zip(truth["impression_id"], truth["candidates"], truth["label"])}
+    with zipfile.ZipFile(synth_dir / "MINDsynth_test.zip") as zf:
+        members = {Path(n).name: n for n in zf.namelist()}
+        news = zf.read(members["news.tsv"])
+        behaviors = zf.read(members["behaviors.tsv"]).decode("utf-8")
+        extra = {name: zf.read(members[name]) for name in ("entity_embedding.vec", "relation_embedding.vec")
+                 if name in members}
+    lines = []
+    for line in io.StringIO(behaviors):
+        fields = line.rstrip("\n").split("\t")
+        candidates, truth_labels = labels[int(fields[0])]
+        listed = fields[4].split()
+        if listed != list(candidates):
+            raise RuntimeError(f"test impression {fields[0]}: candidates differ from ground truth")
+        fields[4] = " ".join(f"{c}-{int(y)}" for c, y in zip(listed, truth_labels))
+        lines.append("\t".join(fields))
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "news.tsv").write_bytes(news)
+        (tmp / "behaviors.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        for name, data in extra.items():
+            (tmp / name).write_bytes(data)
+    return out_dir
+
+
+def split_metrics(dataset: Any, split: str, scores: np.ndarray) -> dict[str, dict[str, float]]:
+    """Metrics on ``split`` and, for test, on its impressions whose candidates are all unseen in train."""
+    imp = dataset.impressions(split)
+    out = {split: _plain(compute_metrics(imp.labels, scores, imp.candidate_offsets))}
+    if split == "test":
+        seen = seen_news_mask(dataset)[imp.candidates]
+        starts, ends = imp.candidate_offsets[:-1], imp.candidate_offsets[1:]
+        any_seen = np.add.reduceat(seen.astype(np.int64), starts[ends > starts]) > 0
+        rows = np.flatnonzero(ends > starts)[~any_seen]
+        if len(rows):
+            cold = imp.select(rows)
+            keep = np.concatenate([np.arange(starts[r], ends[r]) for r in rows])
+            out["test_cold"] = _plain(compute_metrics(cold.labels, scores[keep], cold.candidate_offsets))
+            out["test_cold"]["impressions"] = int(len(rows))
+    return out
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: (None if metrics[k] is None or (isinstance(metrics[k], float) and math.isnan(metrics[k]))
+                else float(metrics[k])) for k in METRICS if k in metrics}
+
+
+def run_cell(world: str, seed: int, *, size: str, news: Path | None, work: Path, config: Path,
+             mhsa_config: Path, overrides: list[str], echo: Callable[[str], None]) -> dict[str, Any]:
+    from newsrec.eval.baselines import evaluate_baseline
+
+    cell_dir = work / world / f"seed{seed}"
+    synth_dir, data_dir, models = cell_dir / "synth", cell_dir / "dataset", cell_dir / "models"
+    generator_world = REAL_WORLDS.get(world, world)
+    news_path = news if world in REAL_WORLDS else None
+    timing: dict[str, float] = {}
     started = time.perf_counter()
-    result = fit(config, data_dir=data_dir, out_dir=out_dir)
-    seconds = time.perf_counter() - started
-    return {**{k: result.metrics[k] for k in METRICS}, "train_s": seconds, "epochs": result.epochs_trained,
-            "samples_s": result.train_samples_per_second, "history": result.history}
+    summary = generate(synth_dir, size=size, seed=seed, world=generator_world, news_path=news_path)
+    timing["synth_s"] = time.perf_counter() - started
+    test_dir = labelled_test(synth_dir, cell_dir / "test-labelled")
+    cfg = load_config(config, [*overrides, "tracking.enabled=false"])
+    started = time.perf_counter()
+    ingest(cfg, train=synth_dir / "MINDsynth_train.zip", dev=synth_dir / "MINDsynth_dev.zip", test=test_dir,
+           out_dir=data_dir)
+    timing["ingest_s"] = time.perf_counter() - started
+    dataset = open_dataset(data_dir)
+
+    rows: dict[str, dict[str, Any]] = {}
+    for key, name in (("oracle", "oracle"), ("history_only", "history-only"),
+                      ("history_only_popularity", "history-only + popularity")):
+        if summary.get(key):
+            rows[name] = {split: _plain(summary[key][split]) for split in ("dev", "test") if split in summary[key]}
+
+    def scored(name: str, score: Callable[[str], np.ndarray]) -> None:
+        t0 = time.perf_counter()
+        try:
+            result: dict[str, Any] = {}
+            for split in ("dev", "test"):
+                result.update(split_metrics(dataset, split, score(split)))
+            rows[name] = result
+        except Exception as exc:  # one row failing must not lose the others; it is reported
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            echo(traceback.format_exc())
+        timing[f"{name}_s"] = time.perf_counter() - t0
+        dev_auc = rows[name].get("dev", {}).get("auc")
+        echo(f"  {world} seed {seed}: {name:<24} dev AUC {dev_auc if dev_auc is None else round(dev_auc, 4)}")
+
+    for baseline in ("popularity", "heuristic", "logreg"):
+        scored(baseline, lambda split, b=baseline: evaluate_baseline(b, data_dir, split=split).scores)
+
+    def model_scores(model_dir: Path, reranker: Path | None = None) -> Callable[[str], np.ndarray]:
+        return lambda split: evaluate(model_dir, data_dir, split=split, reranker=reranker, log_to_mlflow=False,
+                                      show_progress=False).scores
+
+    for name, path in (("MHSA", mhsa_config), ("Fastformer", config)):
+        t0 = time.perf_counter()
+        model_cfg = load_config(path, [*overrides, "tracking.enabled=false", f"train.seed={seed}"])
+        fit(model_cfg, data_dir=data_dir, out_dir=models / name.lower())
+        timing[f"{name}_train_s"] = time.perf_counter() - t0
+        scored(name, model_scores(models / name.lower()))
+    t0 = time.perf_counter()
+    from newsrec.train.rerank import fit_reranker
+
+    rerank_cfg = load_config(config, [*overrides, "tracking.enabled=false", f"rerank.seed={seed}"])
+    fit_reranker(rerank_cfg, retriever_dir=models / "fastformer", data_dir=data_dir, out_dir=models / "reranker")
+    timing["re-ranker_train_s"] = time.perf_counter() - t0
+    scored("Fastformer + re-ranker", model_scores(models / "fastformer", models / "reranker"))
+    return {"world": world, "seed": seed, "size": size, "rows": rows, "timing": timing,
+            "synth": {k: summary.get(k) for k in ("users", "news", "splits")}}
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+def aggregate(cells: list[dict[str, Any]], worlds: list[str]) -> dict[str, Any]:
+    """{row: {world: {split: {metric: {"mean", "std", "n"}}}}} over the seeds of each world."""
+    table: dict[str, Any] = {}
+    for row in ROWS:
+        for world in worlds:
+            for split in SPLITS:
+                for metric in METRICS:
+                    values = [c["rows"][row][split][metric] for c in cells
+                              if c["world"] == world and row in c["rows"] and split in c["rows"][row]
+                              and c["rows"][row][split].get(metric) is not None]
+                    if values:
+                        table.setdefault(row, {}).setdefault(world, {}).setdefault(split, {})[metric] = {
+                            "mean": statistics.fmean(values),
+                            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return table
+
+
+def markdown(table: dict[str, Any], worlds: list[str], *, split: str = "dev", metric: str = "auc") -> str:
+    head = f"| {split} {metric} | " + " | ".join(worlds) + " |"
+    lines = [head, "| --- |" + " --- |" * len(worlds)]
+    for row in ROWS:
+        if row not in table:
+            continue
+        cells = []
+        for world in worlds:
+            v = table[row].get(world, {}).get(split, {}).get(metric)
+            cells.append("–" if v is None else f"{v['mean']:.3f} ± {v['std']:.3f}" + ("" if v["n"] == 3 else f" (n={v['n']})"))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def checks(table: dict[str, Any], worlds: list[str]) -> dict[str, dict[str, float | None]]:
+    """Per world: Fastformer − max(heuristic, logreg) dev AUC (target ≥ +0.01), Fastformer − MHSA
+    (target ≥ −0.005), two-stage − first stage (target ≥ −0.002), history-only − Fastformer."""
+    def dev_auc(row: str, world: str) -> float | None:
+        v = table.get(row, {}).get(world, {}).get("dev", {}).get("auc")
+        return None if v is None else v["mean"]
+
+    out = {}
+    for world in worlds:
+        ff = dev_auc("Fastformer", world)
+        hand = [x for x in (dev_auc("heuristic", world), dev_auc("logreg", world)) if x is not None]
+        diff = lambda a, b: None if a is None or b is None else a - b  # noqa: E731
+        out[world] = {"fastformer_minus_best_handmade": diff(ff, max(hand) if hand else None),
+                      "fastformer_minus_mhsa": diff(ff, dev_auc("MHSA", world)),
+                      "two_stage_minus_first_stage": diff(dev_auc("Fastformer + re-ranker", world), ff),
+                      "history_only_minus_fastformer": diff(dev_auc("history-only", world), ff)}
+    return out
+
+
+def plot(table: dict[str, Any], worlds: list[str]) -> None:
+    use_agg_backend()
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in ROWS if r in table]
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(worlds)), 4.2))
+    width = 0.8 / max(len(rows), 1)
+    for i, row in enumerate(rows):
+        means = [table[row].get(w, {}).get("dev", {}).get("auc", {}).get("mean", np.nan) for w in worlds]
+        stds = [table[row].get(w, {}).get("dev", {}).get("auc", {}).get("std", 0.0) for w in worlds]
+        ax.bar([j + i * width for j in range(len(worlds))], means, width, yerr=stds, label=row, capsize=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(worlds))], worlds, fontsize=8)
+    ax.set_ylim(0.45, None)
+    ax.set_ylabel("dev AUC (mean ± std over seeds)")
+    ax.set_title("Dev AUC by world")
+    ax.legend(ncol=3, fontsize=7)
+    save_figure(fig, "quality")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="dataset artifact of synth --size small")
-    parser.add_argument("--truth", type=Path, required=True, help="the synth output's ground_truth/ folder")
+    parser.add_argument("--worlds", default=",".join((*GENERATED_WORLDS, *REAL_WORLDS)),
+                        help="comma-separated; real-* worlds need --news")
+    parser.add_argument("--news", type=Path, default=None, help="a real MIND news.tsv for the real-* worlds")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--size", default="demo", help="synth size of every generated world")
+    parser.add_argument("--work", type=Path, default=REPO / "data" / "runs" / "quality",
+                        help="where cells are built and saved (resumable)")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
-    parser.add_argument("--baseline", type=Path, default=REPO / "configs" / "nrms_mhsa.yaml")
+    parser.add_argument("--mhsa", type=Path, default=REPO / "configs" / "nrms_mhsa.yaml")
     parser.add_argument("-o", "--override", dest="overrides", action="append", default=[])
-    parser.add_argument("--skip-mhsa", action="store_true")
-    parser.add_argument("--keep", type=Path, default=None,
-                        help="write the trained models here (fastformer/, mhsa/) instead of a temporary folder")
+    parser.add_argument("--report-only", action="store_true", help="aggregate the saved cells, train nothing")
     args = parser.parse_args()
 
-    rows: dict[str, dict[str, Any]] = {}
-    oracle = json.loads((args.truth / "oracle_metrics.json").read_text())
-    rows["oracle"] = {k: float(oracle["dev"][k]) for k in METRICS}
-    rows["popularity"] = {k: float(v) for k, v in popularity_metrics(args.data).items() if k in METRICS}
-    with tempfile.TemporaryDirectory(prefix="newsrec-quality-") as tmp:
-        out = args.keep or Path(tmp)
-        rows["fastformer"] = train_one(args.config, args.overrides, args.data, out / "fastformer")
-        if not args.skip_mhsa:
-            rows["mhsa"] = train_one(args.baseline, args.overrides, args.data, out / "mhsa")
+    worlds = [w for w in args.worlds.split(",") if w]
+    unknown = [w for w in worlds if w not in GENERATED_WORLDS and w not in REAL_WORLDS]
+    if unknown:
+        parser.error(f"unknown worlds {unknown}; valid: {', '.join((*GENERATED_WORLDS, *REAL_WORLDS))}")
+    if any(w in REAL_WORLDS for w in worlds) and args.news is None:
+        parser.error("the real-* worlds need --news PATH (a real MIND news.tsv)")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    cells: list[dict[str, Any]] = []
+    for seed in seeds:  # seed-major: every world gets a first seed before any gets a second
+        for world in worlds:
+            path = args.work / world / f"seed{seed}" / "cell.json"
+            if path.exists():
+                cells.append(json.loads(path.read_text()))
+                continue
+            if args.report_only:
+                continue
+            print(f"[{world} seed {seed}]", flush=True)
+            cell = run_cell(world, seed, size=args.size, news=args.news, work=args.work, config=args.config,
+                            mhsa_config=args.mhsa, overrides=args.overrides,
+                            echo=lambda s: print(s, flush=True))
+            write_json(path, cell)
+            cells.append(cell)
 
-    table = [{"model": name, **{k: r.get(k) for k in METRICS}, "train_s": r.get("train_s"),
-              "samples_s": r.get("samples_s")} for name, r in rows.items()]
-    print(format_table(table))
-    ff = rows["fastformer"]["auc"]
-    checks = {
-        "fastformer_minus_popularity": ff - rows["popularity"]["auc"],
-        "fastformer_minus_mhsa": ff - rows["mhsa"]["auc"] if "mhsa" in rows else None,
-        "oracle_minus_fastformer": rows["oracle"]["auc"] - ff,
-    }
-    print(f"\nFastformer − popularity AUC {checks['fastformer_minus_popularity']:+.4f} (target ≥ +0.05)")
-    if checks["fastformer_minus_mhsa"] is not None:
-        print(f"Fastformer − MHSA AUC       {checks['fastformer_minus_mhsa']:+.4f} (target ≥ −0.005)")
-    print(f"oracle − Fastformer AUC     {checks['oracle_minus_fastformer']:+.4f}")
-    write_results("quality", {"rows": rows, "checks": checks, "config": args.config.name,
-                              "overrides": args.overrides})
-    use_agg_backend()
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    names = list(rows)
-    for i, metric in enumerate(METRICS):
-        ax.bar([j + i * 0.2 for j in range(len(names))], [rows[n][metric] for n in names], 0.2, label=metric)
-    ax.set_xticks([j + 0.3 for j in range(len(names))], names)
-    ax.set_title("Dev metrics on synth small")
-    ax.legend(ncol=4, fontsize=8)
-    save_figure(fig, "quality")
+    table = aggregate(cells, worlds)
+    result_checks = checks(table, worlds)
+    for split, metric in (("dev", "auc"), ("dev", "ndcg@10"), ("test", "auc"), ("test_cold", "auc")):
+        print(f"\n{markdown(table, worlds, split=split, metric=metric)}")
+    print("\nper world (dev AUC): Fastformer − best hand-made (target ≥ +0.01) · Fastformer − MHSA "
+          "(≥ −0.005) · two-stage − first stage (≥ −0.002) · history-only − Fastformer")
+    for world, c in result_checks.items():
+        print(f"  {world:<18} " + "  ".join("–" if v is None else f"{v:+.4f}" for v in c.values()))
+    write_results("quality", {"worlds": worlds, "seeds": seeds, "size": args.size,
+                              "news": args.news.name if args.news else None, "config": args.config.name,
+                              "overrides": args.overrides, "table": table, "checks": result_checks,
+                              "cells": cells})
+    plot(table, worlds)
 
 
 if __name__ == "__main__":

@@ -114,9 +114,12 @@ class TrainConfig:
     num_workers: int = 1  # batch-building threads off the main thread (0 = inline)
     log_every_steps: int = 50
     checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch
-    early_stopping_patience: int = 2  # epochs without dev AUC gain before stopping
+    early_stopping_patience: int = 2  # epochs without held-out AUC gain before stopping
     eval_batch_size: int = 1024
-    dev_max_impressions: int = 0  # 0 = whole dev split for per-epoch evaluation
+    dev_max_impressions: int = 0  # 0 = whole dev split for the per-epoch report (never selects)
+    fit_splits: str = "train"  # comma-separated labelled splits whose union is the fit log, e.g. "train,dev"
+    holdout_fraction: float = 0.1  # latest share (by time) of the fit log held out to pick the best
+    #                                epoch and early-stop; 0 = no selection, the last epoch is kept
     bucket_size: int = 64  # pad the unique-news count of a batch up to a multiple of this
     num_threads: int = 0  # torch intra-op threads (0 = every core of this process's share of the
     #                       machine; the batch-building threads are light)
@@ -129,6 +132,19 @@ class TrainConfig:
         _choice(self, "device", ("cpu", "cuda", "auto"))
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError(f"train.holdout_fraction={self.holdout_fraction} must be in [0, 1) "
+                              f"(0 = no held-out selection)")
+        names = self.fit_split_names
+        unknown = [n for n in names if n not in ("train", "dev", "test")]
+        if not names or unknown or len(set(names)) != len(names):
+            raise ConfigError(f"train.fit_splits={self.fit_splits!r}: expected distinct split names "
+                              f"(train, dev, test) separated by commas, e.g. train,dev")
+
+    @property
+    def fit_split_names(self) -> list[str]:
+        """``fit_splits`` as a list, in the order given."""
+        return [n.strip() for n in self.fit_splits.split(",") if n.strip()]
 
 
 @dataclass
@@ -163,6 +179,22 @@ class RerankConfig:
             raise ConfigError(f"rerank.dropout={self.dropout} must be in [0, 1)")
         if self.lr <= 0:
             raise ConfigError(f"rerank.lr={self.lr} must be > 0")
+
+
+@dataclass
+class BaselineConfig:
+    """Hand-made baselines scored from the dataset artifact alone (``newsrec evaluate --baseline``)."""
+
+    share_smoothing: float = 0.01  # a in log((share + a) / (base + a)): shares below ~a count as absent
+    popularity_prior: float = 20.0  # pseudo-impressions shrinking a news' train click-through to the mean
+    logreg_c: float = 1.0  # inverse L2 strength of the logistic regression (standardised features)
+    logreg_max_rows: int = 1_000_000  # train candidates the regression is fitted on (seeded sample of
+    #                                   impressions above; 0.5M and 2M gave the same coefficients to 0.01)
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "popularity_prior")
+        _positive(self, "share_smoothing", "logreg_c", "logreg_max_rows")
 
 
 @dataclass
@@ -216,12 +248,16 @@ class ServeConfig:
     latency_window: int = 10_000  # recent requests kept for the latency percentiles
     torch_threads: int = 1  # intra-op threads of the model calls: concurrent requests share the cores
     batch_max: int = 8  # most concurrent requests run as one batched model call; 1 = each on its own
+    max_fresh_news: int = 100_000  # fresh news kept (POST /news); beyond it the oldest are evicted
+    admin_token: str = ""  # bearer token the write endpoints require ("" = $NEWSREC_ADMIN_TOKEN, else none)
+    allow_open_writes: bool = False  # serve on a non-loopback host without an admin token anyway
     host: str = "127.0.0.1"
     port: int = 8000
 
     def __post_init__(self) -> None:
         _positive(self, "retrieve_k", "default_k", "max_k", "max_history", "max_body_bytes",
-                  "max_title_chars", "latency_window", "torch_threads", "batch_max", "port")
+                  "max_title_chars", "latency_window", "torch_threads", "batch_max", "port",
+                  "max_fresh_news")
         if self.default_k > self.max_k:
             raise ConfigError(f"serve.default_k={self.default_k} must be <= serve.max_k={self.max_k}")
 
@@ -262,6 +298,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -275,7 +312,11 @@ class Config:
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as saved beside outputs; the admin token (a secret, read by `serve` from
+        its command) is never written."""
+        raw = self.to_dict()
+        raw["serve"]["admin_token"] = ""
+        return yaml.safe_dump(raw, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,3 +449,88 @@ def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
 
 def _section_name(obj: Any) -> str:
     return type(obj).__name__.removesuffix("Config").lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# precedence: what an artifact fixes and what a command may override
+#
+# A dataset artifact fixes the ingest options its titles and vocabulary were built with. A saved
+# model fixes its architecture and the data shapes it was trained on (every model.* and data.*
+# key). A command may set what it runs with: serving and recommending take serve.* and index.*
+# (search-time settings) from the command; everything else comes from the saved model. A setting
+# merely left at its default takes the artifact's value; a setting given with another value than
+# the artifact's is refused in one line naming the artifact, never silently ignored. The result is
+# the config that is actually used (and saved beside every output).
+
+DATASET_FIXED = ("data.title_len", "data.lowercase", "data.min_word_count", "data.max_vocab",
+                 "data.on_bad_rows", "data.missing_news")
+MODEL_FIXED_SECTIONS = ("data", "model")
+SERVING_SECTIONS = ("serve", "index")
+
+
+def _with_values(config: Config, values: dict[str, Any]) -> Config:
+    """A copy of ``config`` with ``{"section.key": value}`` replaced (validated again)."""
+    raw = config.to_dict()
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        raw[section][name] = value
+    return config_from_dict(raw)
+
+
+def apply_dataset(config: Config, manifest: dict[str, Any], *, artifact: str) -> Config:
+    """``config`` with the settings a dataset artifact fixes (``DATASET_FIXED``) taken from its
+    manifest (``options``: the data section it was ingested with). ConfigError naming the artifact
+    when one of them was set to another value than the artifact's."""
+    recorded = dict(manifest.get("options") or {})
+    if "title_len" in manifest:
+        recorded["title_len"] = manifest["title_len"]
+    defaults = Config().flat()
+    given = config.flat()
+    take: dict[str, Any] = {}
+    for key in DATASET_FIXED:
+        name = key.split(".", 1)[1]
+        if name not in recorded or recorded[name] == given[key]:
+            continue
+        if given[key] != defaults[key]:
+            raise ConfigError(
+                f"{key}={given[key]!r}: the dataset {artifact} was ingested with {name}="
+                f"{recorded[name]!r}, which it fixes; drop the setting, or ingest again with "
+                f"-o {key}={given[key]}")
+        take[key] = recorded[name]
+    return _with_values(config, take) if take else config
+
+
+def apply_saved_model(given: Config, saved: Config, *, artifact: str,
+                      command_sections: tuple[str, ...] = SERVING_SECTIONS) -> Config:
+    """The config a command runs a saved model with: ``saved`` (what the model at ``artifact`` was
+    trained with), with ``command_sections`` taken from ``given``. Any other setting of ``given``
+    left at its default is ignored; one given with another value than the model's is refused (a
+    saved model fixes model.* and data.*; other sections are not read by the command)."""
+    defaults = Config().flat()
+    mine = given.flat()
+    theirs = saved.flat()
+    for key, value in mine.items():
+        section = key.split(".", 1)[0]
+        if section in command_sections or value == defaults[key] or value == theirs[key]:
+            continue
+        if section in MODEL_FIXED_SECTIONS:
+            raise ConfigError(f"{key}={value!r}: the model {artifact} was trained with {theirs[key]!r}, "
+                              f"which it fixes ({', '.join(s + '.*' for s in MODEL_FIXED_SECTIONS)}); "
+                              f"drop the setting, or train a model with it")
+        raise ConfigError(f"{key}={value!r}: not used here (this command takes "
+                          f"{', '.join(s + '.*' for s in command_sections)}; other settings come from "
+                          f"the model {artifact})")
+    return _with_values(saved, {k: v for k, v in mine.items() if k.split(".", 1)[0] in command_sections})
+
+
+def saved_model_config(config_path: str | Path | None, overrides: Iterable[str], model_dir: str | Path,
+                       *, config_file: str = "config.yaml") -> Config:
+    """``-c FILE`` and ``-o`` overrides resolved against the model saved in ``model_dir``
+    (``apply_saved_model``): the config `newsrec index`, `recommend` and `serve` run with."""
+    saved_path = Path(model_dir) / config_file
+    given = load_config(config_path, overrides)
+    if not saved_path.is_file():
+        return given
+    saved = config_from_dict(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {},
+                             source=str(saved_path))
+    return apply_saved_model(given, saved, artifact=str(model_dir))

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from newsrec.config import Config, load_config
 from newsrec.errors import ConfigError
 from pipelines.core import StageResult, StageRunner
@@ -43,13 +41,6 @@ class PipelineResult:
         from newsrec.eval.metrics import format_table
 
         return format_table(self.table)
-
-
-def run_pipeline(config_path: str | Path, *, overrides: tuple[str, ...] = (), force: bool = False,
-                 echo: Callable[[str], None] = print) -> PipelineResult:
-    """Run the pipeline described by ``config_path`` (its ``pipeline`` section says what runs)."""
-    config = load_config(config_path, overrides)
-    return run(config, force=force, echo=echo)
 
 
 def run(config: Config, *, force: bool = False, echo: Callable[[str], None] = print) -> PipelineResult:
@@ -103,7 +94,12 @@ def _run_stages(config: Config, root: Path, runner: StageRunner, echo: Callable[
                fn=lambda: _info(ingest(config, out_dir=data_dir, **splits)))
     paths["dataset"] = data_dir
 
-    # ---- first stage and its baseline; fit starts its own (nested) MLflow run
+    # ---- first stage and its baseline; fit starts its own (nested) MLflow run. The models of the
+    # dev comparison fit on train alone; with train.fit_splits beyond train (e.g. train,dev, as
+    # leaderboard entrants do) a final model fits on those splits and serves index, score and submit.
+    final_config = config
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, fit_splits="train"))
+    refit = final_config.train.fit_split_names != ["train"]
     train_settings = _settings(config, "data", "model", "train")
     model_dir = root / "models" / "fastformer"
     runner.run("train", output=model_dir, inputs=[data_dir], settings=train_settings, tracked=False,
@@ -139,6 +135,20 @@ def _run_stages(config: Config, root: Path, runner: StageRunner, echo: Callable[
                    fn=lambda mdir=mdir, rdir=rdir, out=out: _eval_info(
                        evaluate(mdir, data_dir, split="dev", out=out, reranker=rdir)))
     paths["metrics"] = metrics_dir
+
+    if refit:  # the final model (and its re-ranker) on every split of train.fit_splits
+        final_dir = root / "models" / "fastformer_final"
+        runner.run("train_final", output=final_dir, inputs=[data_dir], tracked=False,
+                   settings=_settings(final_config, "data", "model", "train"),
+                   fn=lambda: _fit_info(fit(final_config, data_dir=data_dir, out_dir=final_dir)))
+        model_dir = paths["final_model"] = final_dir
+        if pcfg.rerank:
+            final_reranker = root / "models" / "reranker_final"
+            runner.run("rerank_final", output=final_reranker, inputs=[data_dir, final_dir], tracked=False,
+                       settings=_settings(final_config, "rerank"),
+                       fn=lambda: _info(fit_reranker(final_config, retriever_dir=final_dir, data_dir=data_dir,
+                                                     out_dir=final_reranker)))
+            reranker_dir = paths["final_reranker"] = final_reranker
 
     # ---- serving index, batch scores, leaderboard file
     index_dir = root / "index"
@@ -244,10 +254,8 @@ def _synth_info(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _comparison_table(config: Config, paths: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """Dev metrics of every model evaluated, the popularity baseline and (synthetic data) the oracle."""
-    from newsrec.data.artifact import DatasetArtifact
-    from newsrec.data.popularity import news_counts_from_artifact
-    from newsrec.eval.metrics import compute_metrics
+    """Dev metrics of every model evaluated, the hand-made baselines and (synthetic data) the oracle."""
+    from newsrec.eval.baselines import BASELINES, DISPLAY_NAMES, evaluate_baseline
     from newsrec.utils.io import read_json
 
     keys = ("auc", "mrr", "ndcg@5", "ndcg@10", "impressions")
@@ -256,18 +264,15 @@ def _comparison_table(config: Config, paths: dict[str, Path]) -> dict[str, dict[
         m = read_json(path)
         name = {_slug(n): n for n in MODEL_NAMES}.get(path.stem, path.stem)
         table[name] = {k: m[k] for k in keys}
-    dataset = DatasetArtifact(paths["dataset"])
-    dev = dataset.impressions("dev")
-    counts = news_counts_from_artifact(dataset)
-    pop = counts.ctr(dev.candidates, prior=config.rerank.popularity_prior).astype(np.float32)
-    pm = compute_metrics(dev.labels, pop, dev.candidate_offsets)
-    table["Popularity (train CTR)"] = {k: pm[k] for k in keys}
+    for baseline in BASELINES:
+        bm = evaluate_baseline(baseline, paths["dataset"], split="dev", config=config.baseline).metrics
+        table[DISPLAY_NAMES[baseline]] = {k: bm[k] for k in keys}
     oracle = paths.get("raw", Path("/nonexistent")) / "ground_truth" / "oracle_metrics.json"
     if oracle.is_file():
         o = read_json(oracle)
         o = o.get("dev", o)
         table["Oracle (true probabilities)"] = {k: o.get(k) for k in keys}
-    order = [TWO_STAGE, FIRST_STAGE, BASELINE, "Popularity (train CTR)",
+    order = [TWO_STAGE, FIRST_STAGE, BASELINE, *(DISPLAY_NAMES[b] for b in ("logreg", "heuristic", "popularity")),
              "Oracle (true probabilities)"]
     return {k: table[k] for k in order if k in table} | {k: v for k, v in table.items() if k not in order}
 
@@ -300,6 +305,10 @@ def report(result: PipelineResult, config: Config | None = None) -> str:
         f"scores     : {result.paths.get('scores')}",
         f"index      : {result.paths.get('index')}",
         f"models     : {result.paths.get('model')}" + (f", {result.paths['reranker']}" if "reranker" in result.paths else ""),
+        *([f"final      : {result.paths['final_model']}"
+           + (f", {result.paths['final_reranker']}" if "final_reranker" in result.paths else "")
+           + " (fit on train.fit_splits; index, scores and submission use it)"]
+          if "final_model" in result.paths else []),
         f"stages     : {len(ran)} ran, {len(skipped)} skipped (unchanged) in {result.seconds:.0f} s",
         f"MLflow UI  : mlflow ui --backend-store-uri {tracking_uri}",
     ]

@@ -145,10 +145,10 @@ def test_unexpected_failure_is_500_and_service_recovers(client, app_service, kno
 
 
 def test_metrics_count_requests_and_latency(client, known):
-    before = client.get("/metrics").json()
+    before = client.get("/metrics.json").json()
     client.post("/recommend", json={"user_id": known["user"]})
     client.post("/recommend", json={"user_id": "no-such-user"})
-    after = client.get("/metrics").json()
+    after = client.get("/metrics.json").json()
     ep = after["endpoints"]["POST /recommend"]
     prev = before["endpoints"].get("POST /recommend", {"requests": 0, "4xx": 0})
     assert ep["requests"] == prev["requests"] + 2 and ep["4xx"] == prev["4xx"] + 1
@@ -240,7 +240,7 @@ def test_live_uvicorn_survives_mixed_burst(app_service, known):
             assert all(400 <= s < 500 for kind, s in results if kind == "bad")
             health = http.get("/health")
             assert health.status_code == 200 and health.json()["status"] == "ok"
-            metrics = http.get("/metrics").json()
+            metrics = http.get("/metrics.json").json()
             assert metrics["errors_5xx"] == 0 and metrics["requests"] >= len(plan)
     finally:
         server.should_exit = True

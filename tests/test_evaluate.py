@@ -65,6 +65,18 @@ def make_artifact(root, *, n_news=60, n_impressions={"train": 40, "dev": 30, "te
         rows[split] = recs
         frame = pl.DataFrame(recs, schema=schema.BEHAVIORS_SCHEMA)
         frame.write_parquet(root / schema.behaviors_file(split))
+        # the raw behaviors.tsv these rows stand for, and ingest's listing of its lines
+        raw = root / "raw" / split
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "behaviors.tsv").write_text("".join(
+            f"{r['impression_id']}\t{r['user_id']}\t11/15/2019 8:00:00 AM\t"
+            f"{' '.join(f'N{h}' for h in r['history'])}\t"
+            + " ".join(f"N{c}" if r["labels"] is None else f"N{c}-{lab}"
+                       for c, lab in zip(r["candidates"], r["labels"] or r["candidates"])) + "\n"
+            for r in recs))
+        pl.DataFrame({"line_no": np.arange(1, n + 1), "impression_id": [str(r["impression_id"]) for r in recs],
+                      "row": np.arange(n), "candidates": [r["candidates"] for r in recs]},
+                     schema=schema.LISTING_SCHEMA).write_parquet(root / schema.listing_file(split))
     idx = np.arange(1, n_news + 1)
     news = pl.DataFrame({
         "news_idx": idx.astype(np.int32), "news_id": [f"N{i}" for i in idx],
@@ -79,7 +91,11 @@ def make_artifact(root, *, n_news=60, n_impressions={"train": 40, "dev": 30, "te
         "first_seen": [None] * n_news,
     }, schema=schema.NEWS_SCHEMA)
     news.write_parquet(root / schema.NEWS)
-    write_json(root / schema.MANIFEST, {"schema_version": schema.SCHEMA_VERSION, "name": "handmade"})
+    sources = {split: {"path": str(root / "raw" / split),
+                       "files": {"behaviors.tsv": {"path": str(root / "raw" / split / "behaviors.tsv")}}}
+               for split in n_impressions}
+    write_json(root / schema.MANIFEST, {"schema_version": schema.SCHEMA_VERSION, "name": "handmade",
+                                        "sources": sources})
     return DatasetArtifact(root)
 
 

@@ -39,6 +39,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path):
     assert not any(s.skipped for s in first.stages)
     table = first.table
     assert {"Fastformer", "Fastformer + re-ranker", "MHSA (NRMS)", "Popularity (train CTR)",
+            "Logistic regression (history features)", "Category share-lift",
             "Oracle (true probabilities)"} <= set(table)
     for row in table.values():
         assert 0.0 <= row["auc"] <= 1.0
@@ -58,3 +59,24 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path):
     second = run(config, echo=lines.append)
     assert all(s.skipped for s in second.stages), [(s.name, s.skipped) for s in second.stages]
     assert second.table["Fastformer"]["auc"] == pytest.approx(table["Fastformer"]["auc"])
+
+
+    # fitting the final model on train,dev leaves the dev table's stages as they were and refits
+    # only what serves: the final model and its re-ranker, then index, scores and submission
+    from newsrec.utils.io import read_json
+    from pipelines.run import report
+
+    refit = config_from_dict({**config.to_dict(), "train": {**config.to_dict()["train"], "fit_splits": "train,dev"}})
+    third = run(refit, echo=lines.append)
+    ran = {s.name for s in third.stages if not s.skipped}
+    assert ran == {"train_final", "rerank_final", "index", "score", "submit"}, ran
+    assert third.table["Fastformer"]["auc"] == pytest.approx(table["Fastformer"]["auc"])
+    table_model = read_json(third.paths["model"] / "model.json")["extra"]
+    final_model = read_json(third.paths["final_model"] / "model.json")["extra"]
+    assert table_model["fit_splits"] == ["train"] and table_model["reported_splits"] == ["dev"]
+    assert final_model["fit_splits"] == ["train", "dev"] and final_model["reported_splits"] == []
+    dataset = open_dataset(third.paths["dataset"])
+    assert final_model["holdout"]["fit_impressions"] == len(dataset.impressions("train")) + len(
+        dataset.impressions("dev"))
+    assert check_submission(third.paths["submission"], test).impressions == len(test)
+    assert "final      :" in report(third, refit)

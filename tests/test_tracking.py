@@ -52,7 +52,10 @@ def test_cli_run_logs_params_metrics_and_artifacts(trained):
     assert [m.step for m in dev_auc] == sorted(m.step for m in dev_auc) and len(dev_auc) == 2
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert len(losses) >= 2 and all(np.isfinite(m.value) for m in losses)
-    assert run.data.metrics["best_dev_auc"] == pytest.approx(max(m.value for m in dev_auc))
+    holdout_auc = client.get_metric_history(run.info.run_id, "holdout_auc")
+    best = max(holdout_auc, key=lambda m: (m.value, -m.step))  # the first epoch of the best held-out AUC
+    assert run.data.metrics["best_holdout_auc"] == pytest.approx(best.value)
+    assert run.data.metrics["best_dev_auc"] == pytest.approx(next(m.value for m in dev_auc if m.step == best.step))
     for key in ("dev_mrr", "dev_ndcg_at_5", "dev_ndcg_at_10"):
         assert key in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -77,6 +80,14 @@ def test_logged_model_loads_back_and_scores_like_the_model_dir(trained):
         [MlflowClient(tracking_uri=uri).get_experiment_by_name("unit").experiment_id])[0]
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert pyfunc.metadata.signature is not None
+    # the logged input example scores through the loaded model (what `mlflow models serve` checks)
+    from mlflow.models import Model
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model")
+    example = Model.load(local).load_input_example(local)
+    assert list(example.columns) == ["history", "candidates"] and len(example) == 1
+    example_scores = pyfunc.predict(example)["scores"][0]
+    assert len(example_scores) == len(example["candidates"][0].split()) == 3
+    assert np.isfinite(example_scores).all()
     dataset = open_dataset(data)
     dev = dataset.impressions("dev")
     ids = dataset.news_idx_to_id

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import click
 
-from newsrec.cli import main, model_option as _MODEL
+from newsrec.cli import config_options, main, model_option
+from newsrec.errors import ConfigError
+from newsrec.eval.baselines import BASELINES
 
 _DEVICE = click.option("--device", default=None, type=click.Choice(["cpu", "cuda", "auto"]),
                        help="Where to run the model (default: the model's train.device).")
 _DATA = click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
                      help="Dataset artifact folder written by `newsrec ingest`.")
+_BASELINE = click.option("--baseline", default=None, type=click.Choice(BASELINES),
+                         help="Score with a hand-made baseline instead of a model (settings: the "
+                              "config's baseline section, -o baseline.KEY=VALUE).")
 _RERANKER = click.option("--reranker", "reranker_dir", default=None, type=click.Path(file_okay=False),
                          help="RERANKER_DIR trained on this model: score with both stages.")
 
@@ -18,8 +23,25 @@ def _metrics_line(metrics: dict) -> str:
             f"nDCG@10 {metrics['ndcg@10']:.4f}  impressions {metrics['impressions']}")
 
 
+def _model_or_baseline(model_dir: str | None, baseline: str | None, reranker_dir: str | None,
+                       config_path: str | None, overrides: tuple[str, ...], device: str | None) -> None:
+    """Exactly one of --model / --baseline; a model's settings are fixed by its folder. One line
+    (ConfigError) when the options clash."""
+    if (model_dir is None) == (baseline is None):
+        raise ConfigError("give exactly one of --model MODEL_DIR and --baseline NAME")
+    if baseline is not None and (reranker_dir is not None or device is not None):
+        raise ConfigError("--reranker and --device apply to a model: use them with --model, not --baseline")
+    if model_dir is not None and (config_path or overrides):
+        raise ConfigError("-c/-o set the baseline section: a model's settings come from MODEL_DIR")
+    other = [o for o in overrides if not o.strip().startswith("baseline.")]
+    if other:
+        raise ConfigError(f"-o {other[0]}: a baseline reads only the baseline section (-o baseline.KEY=VALUE)")
+
+
 @main.command("evaluate")
-@_MODEL
+@click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False),
+              help="MODEL_DIR written by `newsrec train`.")
+@_BASELINE
 @_RERANKER
 @_DATA
 @click.option("--split", default="dev", show_default=True, help="Labelled split to evaluate.")
@@ -30,9 +52,18 @@ def _metrics_line(metrics: dict) -> str:
                    "unless the fast path agrees to 1e-5.")
 @click.option("--no-mlflow", is_flag=True, help="Do not log the metrics to MLflow.")
 @_DEVICE
-def evaluate_command(model_dir: str, reranker_dir: str | None, data_dir: str, split: str,
-                     out_path: str | None, check_slow: int, no_mlflow: bool, device: str | None) -> None:
+@config_options
+def evaluate_command(model_dir: str | None, baseline: str | None, reranker_dir: str | None, data_dir: str,
+                     split: str, out_path: str | None, check_slow: int, no_mlflow: bool, device: str | None,
+                     config_path: str | None, overrides: tuple[str, ...]) -> None:
     """AUC, MRR, nDCG@5, nDCG@10 on a labelled split, with history-length and cold-news breakdowns."""
+    _model_or_baseline(model_dir, baseline, reranker_dir, config_path, overrides, device)
+    if baseline is not None:
+        if check_slow:
+            raise ConfigError("--check-slow compares a model's fast path with its full forward pass: "
+                              "use it with --model")
+        _evaluate_baseline(baseline, data_dir, split, out_path, config_path, overrides)
+        return
     from newsrec.eval.evaluate import evaluate
 
     result = evaluate(model_dir, data_dir, split=split, out=out_path, reranker=reranker_dir,
@@ -54,46 +85,88 @@ def evaluate_command(model_dir: str, reranker_dir: str | None, data_dir: str, sp
         click.echo(f"mlflow run: {result.run_id}")
 
 
+def _evaluate_baseline(baseline: str, data_dir: str, split: str, out_path: str | None, config_path: str | None,
+                       overrides: tuple[str, ...]) -> None:
+    from newsrec.config import load_config
+    from newsrec.eval.baselines import evaluate_baseline
+
+    config = load_config(config_path, overrides).baseline
+    result = evaluate_baseline(baseline, data_dir, split=split, out=out_path, config=config)
+    m = result.metrics
+    click.echo(f"{split}: baseline {baseline}, {m['impressions']} impressions, {m['candidates']} candidates "
+               f"({m['no_click']} without a click, {m['no_nonclick']} without a non-click: not in the AUC mean)")
+    click.echo(result.table())
+    t = m["timing"]
+    fitted = f"fitted in {t['fit_seconds']:.1f}s, " if t["fit_seconds"] else ""
+    click.echo(f"{fitted}scored in {t['score_seconds']:.1f}s, metrics in {t['metrics_seconds']:.2f}s")
+    if result.out is not None:
+        click.echo(f"metrics: {result.out}")
+
+
 @main.command("submit")
 @click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False),
               help="MODEL_DIR written by `newsrec train` (to write a submission).")
+@_BASELINE
 @_RERANKER
-@_DATA
+@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
+              help="Dataset artifact folder written by `newsrec ingest` (with --check: where the "
+                   "behaviors source of --split is recorded).")
 @click.option("--split", default="test", show_default=True, help="Split whose impressions are ranked.")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
               help="Submission to write, e.g. prediction.zip (prediction.txt at its root).")
 @click.option("--check", "check_path", default=None, type=click.Path(dir_okay=False),
-              help="Validate an existing prediction.zip / prediction.txt against the split instead.")
+              help="Validate an existing prediction.zip / prediction.txt against the behaviors file "
+                   "instead.")
+@click.option("--behaviors", "behaviors_path", default=None, type=click.Path(exists=True),
+              help="With --check: the behaviors.tsv (or its split folder/zip) to check against "
+                   "(default: the source of --split recorded in --data by ingest).")
 @_DEVICE
-def submit_command(model_dir: str | None, reranker_dir: str | None, data_dir: str, split: str,
-                   out_path: str | None, check_path: str | None, device: str | None) -> None:
+@config_options
+def submit_command(model_dir: str | None, baseline: str | None, reranker_dir: str | None, data_dir: str | None,
+                   split: str, out_path: str | None, check_path: str | None, behaviors_path: str | None,
+                   device: str | None, config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Write (or --check) a MIND leaderboard submission: `ImpressionID [r1,r2,...]` per impression."""
     if check_path is not None:
-        if model_dir or out_path:
-            raise click.UsageError("--check validates an existing file: do not combine it with --model/--out")
-        from newsrec.data.artifact import DatasetArtifact
-        from newsrec.eval.submission import check_submission
+        if model_dir or baseline or out_path or config_path or overrides:
+            raise click.UsageError("--check validates an existing file: do not combine it with "
+                                   "--model/--baseline/--out/-c/-o")
+        if behaviors_path is None and data_dir is None:
+            raise click.UsageError("--check needs --behaviors PATH or --data DIR (whose ingest source is used)")
+        from newsrec.eval.submission import check_against_behaviors
 
-        impressions = DatasetArtifact(data_dir).impressions(split)
-        check = check_submission(check_path, impressions)
+        check = check_against_behaviors(check_path, behaviors=behaviors_path, data_dir=data_dir, split=split)
         click.echo(f"{check.source}: valid ({check.impressions} impressions, {check.candidates} candidates, "
-                   f"split '{split}')")
+                   f"checked against {check.behaviors})")
         if check.metrics is not None:
             click.echo(f"local metrics (score = 1/rank): {_metrics_line(check.metrics)}")
         return
-    if not model_dir or not out_path:
-        raise click.UsageError("give --model and --out to write a submission, or --check FILE to validate one")
-    from newsrec.eval.submission import submit
+    if behaviors_path is not None:
+        raise click.UsageError("--behaviors goes with --check")
+    if not (model_dir or baseline) or not out_path or not data_dir:
+        raise click.UsageError("give --model (or --baseline), --data and --out to write a submission, or "
+                               "--check FILE to validate one")
+    _model_or_baseline(model_dir, baseline, reranker_dir, config_path, overrides, device)
+    if baseline is not None:
+        from newsrec.config import load_config
+        from newsrec.eval.baselines import submit_baseline
 
-    result = submit(model_dir, data_dir, out=out_path, split=split, reranker=reranker_dir, device=device)
+        result = submit_baseline(baseline, data_dir, out=out_path, split=split,
+                                 config=load_config(config_path, overrides).baseline)
+    else:
+        from newsrec.eval.submission import submit
+
+        result = submit(model_dir, data_dir, out=out_path, split=split, reranker=reranker_dir, device=device)
     click.echo(f"{result.out}: {result.impressions} impressions, {result.candidates} candidates "
                f"(split '{split}', validated)")
+    if result.missing_news or result.rowless:
+        click.echo(f"{result.missing_news} candidate(s) absent from news.tsv ranked last; "
+                   f"{result.rowless} impression(s) ingest kept no row for scored as users without history")
     if result.metrics is not None:
         click.echo(f"local metrics (score = 1/rank): {_metrics_line(result.metrics)}")
 
 
 @main.command("score")
-@_MODEL
+@model_option
 @_DATA
 @click.option("--out", "out_path", required=True, type=click.Path(),
               help="Output folder, e.g. scores.parquet (part-XXXXX.parquet files + a manifest).")

@@ -1,12 +1,10 @@
 """``newsrec index``, ``newsrec recommend`` and ``newsrec serve`` (library: ``newsrec.serve``)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from newsrec.cli import config_options, main, model_option as _MODEL
-from newsrec.config import load_config
+from newsrec.cli import config_options, main, model_option
+from newsrec.config import saved_model_config
 from newsrec.errors import ConfigError
 
 _INDEX = click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False),
@@ -18,18 +16,8 @@ _DATA = click.option("--data", "data_dir", default=None, type=click.Path(file_ok
 
 
 def _settings(config_path: str | None, overrides: tuple[str, ...], model_dir: str):
-    """The serving config: the model's saved config, then -c FILE, then -o overrides."""
-    from newsrec.config import config_from_dict
-    from newsrec.models.io import CONFIG_FILE
-
-    import yaml
-
-    saved = Path(model_dir) / CONFIG_FILE
-    base = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
-    if config_path is not None:
-        extra = load_config(config_path).to_dict()
-        base = {**base, "index": extra["index"], "serve": extra["serve"]}
-    return config_from_dict(base or {}, overrides=overrides, source=str(saved))
+    """The model's saved config with serve.* and index.* from -c FILE and -o (see config.py)."""
+    return saved_model_config(config_path, overrides, model_dir)
 
 
 def _search_settings(config, config_path: str | None, overrides: tuple[str, ...]):
@@ -40,7 +28,7 @@ def _search_settings(config, config_path: str | None, overrides: tuple[str, ...]
 
 
 @main.command("index")
-@_MODEL
+@model_option
 @click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
               help="Dataset artifact whose news are indexed (default: the model's).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -58,7 +46,7 @@ def index_command(model_dir: str, data_dir: str | None, out_dir: str, config_pat
 
 
 @main.command("recommend")
-@_MODEL
+@model_option
 @_INDEX
 @_RERANKER
 @click.option("--user", "user_id", default=None, help="A user id of the dataset (latest history is used).")
@@ -91,25 +79,31 @@ def recommend_command(model_dir: str, index_dir: str, reranker_dir: str | None, 
 
 
 @main.command("serve")
-@_MODEL
+@model_option
 @_INDEX
 @_RERANKER
 @_DATA
 @click.option("--host", default=None, help="Interface to bind (default serve.host, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default serve.port, 8000).")
+@click.option("--allow-open-writes", is_flag=True,
+              help="Serve POST /news and /index/save without an admin token on a non-loopback host "
+                   "(serve.allow_open_writes).")
 @config_options
 def serve_command(model_dir: str, index_dir: str, reranker_dir: str | None, data_dir: str | None,
-                  host: str | None, port: int | None, config_path: str | None,
+                  host: str | None, port: int | None, allow_open_writes: bool, config_path: str | None,
                   overrides: tuple[str, ...]) -> None:
     """Serve recommendations over HTTP (FastAPI + uvicorn); the API is at /docs."""
     import torch
     import uvicorn
 
-    from newsrec.serve.app import create_app
+    from newsrec.serve.app import check_open_writes, create_app
     from newsrec.serve.service import Recommender
 
+    if allow_open_writes:
+        overrides = (*overrides, "serve.allow_open_writes=true")
     config = _settings(config_path, overrides, model_dir)
     host = host or config.serve.host
+    check_open_writes(config.serve, host)
     port = config.serve.port if port is None else port
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port}: expected 1..65535")

@@ -71,6 +71,34 @@ class Impressions:
                            h_val, h_off, c_val, c_off, lab)
 
 
+def concat_impressions(parts: list[Impressions], *, split: str | None = None) -> Impressions:
+    """The rows of ``parts`` one after another, as one Impressions named ``split`` (default: the
+    parts' names joined by "+"). Either every part has labels or none has."""
+    if not parts:
+        raise ValueError("concat_impressions needs at least one Impressions")
+    labelled = {p.has_labels for p in parts}
+    if len(labelled) > 1:
+        names = ", ".join(f"{p.split} ({'labelled' if p.has_labels else 'unlabelled'})" for p in parts)
+        raise ArtifactError(f"cannot concatenate labelled and unlabelled impressions: {names}")
+
+    def offsets(lengths: list[np.ndarray]) -> np.ndarray:
+        out = np.zeros(sum(len(x) for x in lengths) + 1, dtype=np.int64)
+        np.cumsum(np.concatenate(lengths) if lengths else np.zeros(0, np.int64), out=out[1:])
+        return out
+
+    return Impressions(
+        split=split if split is not None else "+".join(p.split for p in parts),
+        impression_id=np.concatenate([p.impression_id for p in parts]),
+        user_id=np.concatenate([p.user_id for p in parts]),
+        time=np.concatenate([p.time for p in parts]),
+        history=np.concatenate([p.history for p in parts]),
+        history_offsets=offsets([p.history_lengths for p in parts]),
+        candidates=np.concatenate([p.candidates for p in parts]),
+        candidate_offsets=offsets([p.candidate_counts for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]) if labelled == {True} else None,
+    )
+
+
 def _take_csr(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lengths = (offsets[1:] - offsets[:-1])[rows]
     new_off = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -180,6 +208,17 @@ class DatasetArtifact:
         if not path.is_file():
             raise ArtifactError(f"{self.root}: no '{split}' split (has: {', '.join(self.splits) or 'none'})")
         return schema.check_frame(pl.read_parquet(path), schema.BEHAVIORS_SCHEMA, path)
+
+    def listing(self, split: str) -> pl.DataFrame:
+        """Every impression line of the split's behaviors.tsv (``schema.LISTING_SCHEMA``): what a
+        leaderboard file answers, whatever ingest dropped."""
+        path = self.root / schema.listing_file(split)
+        if not path.is_file():
+            self.behaviors(split)  # names the splits the artifact has
+            raise ArtifactError(f"{self.root}: no {schema.listing_file(split)} (the listing of every "
+                                f"impression line, written by `newsrec ingest` since it checks "
+                                f"submissions against the file); run `newsrec ingest` again")
+        return schema.check_frame(pl.read_parquet(path), schema.LISTING_SCHEMA, path)
 
     @functools.lru_cache(maxsize=3)
     def impressions(self, split: str) -> Impressions:

@@ -153,11 +153,13 @@ def ingest(config: Config, *, train: str | Path, dev: str | Path | None = None,
         id_map = news.select("news_id", "news_idx")
         behaviors: dict[str, pl.DataFrame] = {}
         flat: dict[str, FlatBehaviors] = {}
+        listings: dict[str, pl.DataFrame] = {}
         missing_total = {"ids": 0, "references": 0, "impressions_dropped": 0}
         missing_ids: set[str] = set()
         for name, split in splits.items():
-            behaviors[name], flat[name], missing = _map_behaviors(split.behaviors, id_map,
-                                                                  policy=data_cfg.missing_news)
+            behaviors[name], flat[name], missing, line_nos = _map_behaviors(
+                split.behaviors, id_map, policy=data_cfg.missing_news)
+            listings[name] = listing_frame(split.behaviors.listing, line_nos, id_map)
             missing_ids |= missing["ids"]
             missing_total["references"] += missing["references"]
             missing_total["impressions_dropped"] += missing["impressions_dropped"]
@@ -182,6 +184,7 @@ def ingest(config: Config, *, train: str | Path, dev: str | Path | None = None,
             np.save(tmp / schema.TITLE_TOKENS, title_tokens)
             for name, frame in behaviors.items():
                 frame.write_parquet(tmp / schema.behaviors_file(name), **PARQUET_OPTIONS)
+                listings[name].write_parquet(tmp / schema.listing_file(name), **PARQUET_OPTIONS)
             write_json(tmp / schema.VOCAB, {"words": vocab})
             write_json(tmp / schema.CATEGORIES, categories)
             if word_vectors is not None:
@@ -231,9 +234,10 @@ def _union_news(splits: dict[str, SplitData]) -> tuple[pl.DataFrame, pl.DataFram
 
 
 def _map_behaviors(table: mind.BehaviorsTable, id_map: pl.DataFrame, *, policy: str
-                   ) -> tuple[pl.DataFrame, FlatBehaviors, dict[str, Any]]:
+                   ) -> tuple[pl.DataFrame, FlatBehaviors, dict[str, Any], np.ndarray]:
     """News ids → news_idx; build the behaviors frame of BEHAVIORS_SCHEMA (list columns), the same
-    impressions as flat arrays, and the count of missing news (dropped under ``policy="drop"``)."""
+    impressions as flat arrays, the count of missing news (dropped under ``policy="drop"``), and the
+    source line of each row kept (int64 [rows])."""
     n = len(table.frame)
     history, h_missing = lookup_news(table.history_ids, id_map)
     candidates, c_missing = lookup_news(table.candidate_ids, id_map)
@@ -281,7 +285,22 @@ def _map_behaviors(table: mind.BehaviorsTable, id_map: pl.DataFrame, *, policy: 
         candidate_counts = candidate_counts[keep_rows]
     flat = FlatBehaviors(history=history, candidates=candidates, candidate_counts=candidate_counts,
                          labels=labels, time=frame["time"].to_physical().to_numpy())
-    return frame.select(list(schema.BEHAVIORS_SCHEMA)), flat, missing_info
+    return (frame.select(list(schema.BEHAVIORS_SCHEMA)), flat, missing_info,
+            frame["line_no"].to_numpy().astype(np.int64))
+
+
+def listing_frame(listing: mind.ImpressionListing, line_nos: np.ndarray, id_map: pl.DataFrame) -> pl.DataFrame:
+    """The LISTING_SCHEMA frame of a split: every impression line of its behaviors.tsv with the
+    row of behaviors-<split>.parquet that holds it (null when the line was skipped as a bad row or
+    lost every candidate to missing news) and its listed candidates' news_idx (0 where news.tsv
+    lacks the news; null when the list cannot be read)."""
+    row_of_line = pl.DataFrame({"line_no": line_nos, "row": np.arange(len(line_nos), dtype=np.int64)})
+    idx, _ = lookup_news(listing.candidate_ids, id_map)
+    counts = listing.candidate_counts
+    candidates = _list_series(idx.astype(np.int32), counts, pl.Int32)
+    frame = listing.frame.with_columns(candidates=pl.when(pl.Series(counts > 0)).then(candidates))
+    frame = frame.join(row_of_line, on="line_no", how="left", maintain_order="left")
+    return frame.select([pl.col(c).cast(t) for c, t in schema.LISTING_SCHEMA.items()])
 
 
 def lookup_news(ids: mind.NewsIds, id_map: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,6 @@ NEWS_COLUMNS = ("NewsID", "Category", "SubCategory", "Title", "Abstract", "URL",
 BEHAVIORS_COLUMNS = ("ImpressionID", "UserID", "Time", "History", "Impressions")
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 TIME_EXAMPLE = "11/15/2019 8:55:22 AM"
-BAD_ROW_POLICIES = ("error", "skip")
 
 _BOM = b"\xef\xbb\xbf"
 _UTF8_CHUNK = 64 << 20
@@ -459,6 +458,7 @@ class BehaviorsTable:
     sha256: str
     skipped: dict[str, int]
     no_click: int  # labelled impressions without any click (allowed, reported)
+    listing: "ImpressionListing | None" = None  # every impression line as written
 
 
 BEHAVIORS_CHUNK_ROWS = 250_000  # rows parsed at a time: bounds the memory of the string work
@@ -495,6 +495,7 @@ def read_behaviors(source: SourceFile, *, on_bad_rows: str = "error",
     chunks = [_behaviors_chunk(lines.frame.slice(start, chunk_rows), bad, labelling, last_line=last_line,
                                ends_with_newline=lines.ends_with_newline)
               for start in range(0, len(lines.frame), chunk_rows)]
+    listing = impression_listing(lines.frame)
     del lines.frame
     frame = pl.concat([c.frame for c in chunks], how="vertical")
     history_counts = np.concatenate([c.history_counts for c in chunks])
@@ -533,7 +534,64 @@ def read_behaviors(source: SourceFile, *, on_bad_rows: str = "error",
     return BehaviorsTable(label=source.label, frame=frame.drop("ok"), history_ids=history_ids,
                           history_counts=history_counts, candidate_ids=candidate_ids,
                           candidate_counts=candidate_counts, labels=labels, sha256=lines.sha256,
-                          skipped=dict(bad.counts), no_click=no_click)
+                          skipped=dict(bad.counts), no_click=no_click, listing=listing)
+
+
+@dataclass
+class ImpressionListing:
+    """Every impression line of a behaviors file as written, valid or not: what a leaderboard file
+    must answer line by line. Blank lines hold no impression and are left out.
+
+    ``frame``: line_no Int64 (1-based line in the file), impression_id String (the first column,
+    stripped; null when empty) — [n lines]. ``candidate_ids``: the news ids of every line's
+    Impressions column, in order, with a ``-0``/``-1`` label removed (flat, grouped by line);
+    ``candidate_counts`` int64 [n]: 0 where the list cannot be read (not 5 columns, or no id);
+    ``labels`` int8 aligned with ``candidate_ids`` when every candidate carries a 0/1 label, else None.
+    """
+
+    frame: pl.DataFrame
+    candidate_ids: NewsIds
+    candidate_counts: np.ndarray
+    labels: np.ndarray | None
+
+
+def impression_listing(lines: pl.DataFrame, *, chunk_rows: int = BEHAVIORS_CHUNK_ROWS) -> ImpressionListing:
+    """The ``ImpressionListing`` of behaviors lines (``lines``: text, line_no, as ``read_lines``
+    gives), parsed ``chunk_rows`` lines at a time."""
+    text = lines.filter(pl.Series(~_blank(lines["text"])))
+    frames, ids, counts, clicked, labelled = [], [], [], [], []
+    for start in range(0, len(text), chunk_rows):
+        part = text.slice(start, chunk_rows)
+        fields = part["text"].str.split("\t")
+        impression_id = fields.list.get(0, null_on_oob=True).str.strip_chars()
+        frames.append(pl.DataFrame({"line_no": part["line_no"],
+                                    "impression_id": pl.select(pl.when(impression_id != "")
+                                                               .then(impression_id)).to_series()}))
+        raw = pl.select(pl.when(fields.list.len() == len(BEHAVIORS_COLUMNS))
+                        .then(fields.list.get(-1, null_on_oob=True))).to_series()
+        tokens, _, row_counts = _tokens(raw)
+        counts.append(row_counts)
+        suffix = tokens.str.tail(2)
+        is_click, is_label = suffix == "-1", (suffix == "-1") | (suffix == "-0")
+        clicked.append(is_click.to_numpy())
+        labelled.append(is_label.to_numpy())
+        if labelled[-1].all():
+            tokens = tokens.str.head(-2)
+        elif labelled[-1].any():
+            tokens = pl.select(pl.when(is_label).then(tokens.str.head(-2)).otherwise(tokens)).to_series()
+        ids.append(NewsIds.from_tokens(tokens))
+    if not frames:
+        empty = pl.DataFrame(schema={"line_no": pl.Int64, "impression_id": pl.String})
+        return ImpressionListing(empty, NewsIds(np.zeros(0, np.int64), None), np.zeros(0, np.int64), None)
+    is_labelled = np.concatenate(labelled)
+    labels = np.concatenate(clicked).astype(np.int8) if is_labelled.all() else None
+    return ImpressionListing(frame=pl.concat(frames), candidate_ids=NewsIds.concat(ids),
+                             candidate_counts=np.concatenate(counts), labels=labels)
+
+
+def read_impression_listing(source: SourceFile) -> ImpressionListing:
+    """``impression_listing`` of a behaviors.tsv (read and checked as by ``read_behaviors``)."""
+    return impression_listing(read_lines(source).frame)
 
 
 def _behaviors_chunk(lines: pl.DataFrame, bad: BadRows, labelling: _Labelling, *, last_line: int,

@@ -141,11 +141,18 @@ class PrefixCounts:
         news_idx = np.asarray(news_idx, dtype=np.int64)
         sec = np.clip(np.asarray(seconds, dtype=np.int64) - self._t0, 0, self._span - 1)
         sec = np.broadcast_to(sec, news_idx.shape)
-        group_start = np.searchsorted(self._keys, news_idx * self._span, side="left")
-        before = np.searchsorted(self._keys, news_idx * self._span + sec, side="left")
-        shown = before - group_start
-        clicks = self._cum_clicks[before] - self._cum_clicks[group_start]
-        return clicks.astype(np.int64), shown.astype(np.int64)
+        # searched in sorted order: binary searches of sorted queries hit the cache (5.5M queries
+        # over 5.5M events: 3 s instead of 38 s, sort included)
+        query = (news_idx * self._span + sec).ravel()
+        order = np.argsort(query, kind="stable")
+        sorted_query = query[order]
+        group_start = np.searchsorted(self._keys, sorted_query - sorted_query % self._span, side="left")
+        before = np.searchsorted(self._keys, sorted_query, side="left")
+        shown = np.empty(len(query), dtype=np.int64)
+        clicks = np.empty(len(query), dtype=np.int64)
+        shown[order] = before - group_start
+        clicks[order] = self._cum_clicks[before] - self._cum_clicks[group_start]
+        return clicks.reshape(news_idx.shape), shown.reshape(news_idx.shape)
 
     def for_candidates(self, impressions: Impressions) -> tuple[np.ndarray, np.ndarray]:
         """(clicks, impressions) aligned with ``impressions.candidates``, each counted over events

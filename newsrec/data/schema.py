@@ -6,6 +6,7 @@ Layout of a dataset artifact folder (written by ``newsrec ingest``)::
     news.parquet                one row per news (news_idx 1..n_news; 0 is the padding news)
     title_tokens.npy            int32 [n_news + 1, title_len]; row 0 all padding; 0 = pad, 1 = <unk>
     behaviors-<split>.parquet   one row per impression, in the source file's order
+    submission-<split>.parquet  every impression line of the source behaviors.tsv, skipped ones too
     vocab.json                  {"words": [...]} index i -> word; 0 "<pad>", 1 "<unk>"
     categories.json             {"category": [...], "subcategory": [...]}; index 0 "<unk>"
     word_vectors.npy            optional float32 [vocab_size, dim] aligned to vocab.json
@@ -40,6 +41,10 @@ def behaviors_file(split: str) -> str:
     return f"behaviors-{split}.parquet"
 
 
+def listing_file(split: str) -> str:
+    return f"submission-{split}.parquet"
+
+
 NEWS_SCHEMA: dict[str, pl.DataType] = {
     "news_idx": pl.Int32,  # 1..n_news, row of title_tokens.npy
     "news_id": pl.String,  # MIND id, e.g. N12345
@@ -68,6 +73,16 @@ BEHAVIORS_SCHEMA: dict[str, pl.DataType] = {
     "history": pl.List(pl.Int32),  # news_idx, oldest first, full length (truncate at use: keep the end)
     "candidates": pl.List(pl.Int32),  # news_idx in the file's order
     "labels": pl.List(pl.Int8),  # 0/1 per candidate; null on an unlabelled (test) split
+}
+
+# What a leaderboard file answers: one row per impression line of the split's behaviors.tsv, in
+# file order, whatever ingest dropped (bad rows skipped, news missing from news.tsv).
+LISTING_SCHEMA: dict[str, pl.DataType] = {
+    "line_no": pl.Int64,  # 1-based line in behaviors.tsv (blank lines hold no impression)
+    "impression_id": pl.String,  # as written in the file; null when the line has none
+    "row": pl.Int64,  # row of behaviors-<split>.parquet; null when ingest kept no row for the line
+    "candidates": pl.List(pl.Int32),  # news_idx as listed; 0 = absent from news.tsv; null when
+    #                                   the list cannot be read (not 5 columns, or no candidate)
 }
 
 

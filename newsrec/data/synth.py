@@ -31,6 +31,20 @@ bias is calibrated so that ~4% of candidates are clicked; an impression where no
 its highest draw clicked. The oracle scores a candidate by its true click probability
 ``sigmoid(z / sqrt(1 + pi * noise_std^2 / 8))`` (the logistic–normal integral), which is what
 ``ground_truth/`` holds and what ``oracle_metrics.json`` is computed from.
+
+Worlds and real text
+--------------------
+``world=`` picks knobs of ``newsrec.data.worlds`` (exposure mode, cold test period, interest mix
+including entity and latent text-topic interests, drift between the history and impression
+periods); the default world is the model above, byte for byte. ``news_path=`` takes the news from a
+real MIND news.tsv (``RealNewsWorld``) and scales the sizes to it.
+
+History-only limit
+------------------
+Beside the oracle, ``ground_truth/`` reports what a score that sees only the user's history reaches
+(``_history_only``): the posterior over the user's interests given the history, by importance
+sampling over draws of the interest prior, scored alone and with the news' true popularity and
+freshness terms (``HISTORY_ONLY_METHOD`` says exactly what is approximated).
 """
 from __future__ import annotations
 
@@ -39,7 +53,7 @@ import io
 import json
 import math
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -48,6 +62,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from newsrec.data.worlds import RealNews, World, read_real_news, resolve_world, text_topics
 from newsrec.errors import NewsrecError
 from newsrec.utils.io import atomic_dir, atomic_path, write_json
 from newsrec.utils.progress import progress
@@ -283,6 +298,43 @@ class _World:
     history_news: np.ndarray | None = None
     history_text: pl.Series | None = None
     bias: float = 0.0  # calibrated logit bias (click rate ~ model.click_rate)
+    knobs: World = field(default_factory=World)
+    topic_names: list[str] = field(default_factory=list)
+    news_text_topic: np.ndarray | None = None  # int64 [N] latent text topic (worlds that use them)
+    n_text_topics: int = 0
+    history_weight: np.ndarray | None = None  # float64 [N] weight of a news within a history draw
+    impression_interests: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (user, item, weight)
+
+    @functools.cached_property
+    def entity_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets int64 [N + 1], entity int64 [nnz]): the entities each news mentions."""
+        counts = np.array([len(e) for e in self.news_entities], dtype=np.int64)
+        flat = np.fromiter((e for es in self.news_entities for e in es), dtype=np.int64, count=int(counts.sum()))
+        return np.concatenate([[0], np.cumsum(counts)]), flat
+
+    @property
+    def level_offsets(self) -> tuple[int, int, int, int, int]:
+        """First combined interest id of category, subcategory, topic, entity, text-topic interests."""
+        n_cat, n_sub, n_top = len(self.category_names), len(self.subcategory_names), len(self.topic_subcategory)
+        return 0, n_cat, n_cat + n_sub, n_cat + n_sub + n_top, n_cat + n_sub + n_top + len(self.entity_ids)
+
+    def news_items(self, news: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(owner, item): every combined interest id each news carries (owner indexes ``news``)."""
+        off = self.level_offsets
+        n = len(news)
+        owners = [np.arange(n)] * 3
+        items = [off[0] + self.news_category[news], off[1] + self.news_subcategory[news],
+                 off[2] + self.news_topic[news]]
+        if self.knobs.uses_entities:
+            offsets, flat = self.entity_csr
+            counts = offsets[news + 1] - offsets[news]
+            owner = np.repeat(np.arange(n), counts)
+            owners.append(owner)
+            items.append(off[3] + flat[np.repeat(offsets[news], counts) + _rank_within(owner, n)])
+        if self.knobs.uses_text_topics:
+            owners.append(np.arange(n))
+            items.append(off[4] + self.news_text_topic[news])
+        return np.concatenate(owners), np.concatenate(items)
 
     @functools.cached_property
     def news_id_text(self) -> pl.Series:
@@ -290,18 +342,29 @@ class _World:
 
     @property
     def n_interest_items(self) -> int:
-        return len(self.category_names) + len(self.subcategory_names) + len(self.topic_subcategory)
+        return self.level_offsets[4] + self.n_text_topics
 
     def affinity(self, users: np.ndarray, news: np.ndarray) -> np.ndarray:
-        """Sum of the user's interest weights on the news' category, subcategory and topic."""
-        keys = self.interest_user * self.n_interest_items + self.interest_item
+        """Sum of the user's impression-period interest weights on the news' category, subcategory,
+        topic (and, in worlds that use them, its entities and text topic)."""
+        i_user, i_item, i_weight = self.impression_interests or (self.interest_user, self.interest_item,
+                                                                 self.interest_weight)
+        keys = i_user * self.n_interest_items + i_item
         n_cat, n_sub = len(self.category_names), len(self.subcategory_names)
         total = np.zeros(len(users), dtype=np.float64)
         for item in (self.news_category[news], n_cat + self.news_subcategory[news],
                      n_cat + n_sub + self.news_topic[news]):
             query = users.astype(np.int64) * self.n_interest_items + item
             pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
-            total += np.where(keys[pos] == query, self.interest_weight[pos], 0.0)
+            total += np.where(keys[pos] == query, i_weight[pos], 0.0)
+        if self.knobs.uses_entities or self.knobs.uses_text_topics:
+            owner, item = self.news_items(news)
+            extra = owner >= 0
+            extra[: 3 * len(news)] = False
+            owner, item = owner[extra], item[extra]
+            query = users[owner].astype(np.int64) * self.n_interest_items + item
+            pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+            total += np.bincount(owner, np.where(keys[pos] == query, i_weight[pos], 0.0), minlength=len(news))
         return total
 
 
@@ -330,19 +393,24 @@ def _build_news(rng: np.random.Generator, size: SynthSize, model: ClickModel, ca
     subcategory = sub_groups.draw(category, rng.random(n_news))
     topic_groups = _WeightedGroups(topic_subcategory, np.ones(len(topic_subcategory)), len(subcategory_category))
     topic = topic_groups.draw(subcategory, rng.random(n_news))
-    # Zipf-like popularity within each publishing day (the old pool counts as one day)
-    exposure = np.empty(n_news)
+    exposure, popularity = _zipf_popularity(rng, day, model)
+    ids = rng.choice(np.arange(1, 3 * n_news + 1), n_news, replace=False)
+    return {"day": day, "time": time, "category": category, "subcategory": subcategory,
+            "topic": topic, "exposure": exposure, "popularity": popularity,
+            "ids": np.array([f"N{i}" for i in ids], dtype=object)}
+
+
+def _zipf_popularity(rng: np.random.Generator, day: np.ndarray, model: ClickModel) -> tuple[np.ndarray, np.ndarray]:
+    """(exposure, popularity): Zipf-like weights within each publishing day (the old pool counts as one
+    day) and their standardised log, the click-through latent."""
+    exposure = np.empty(len(day))
     pool_of = np.where(day <= 0, 0, day)
     for pool in np.unique(pool_of):
         members = np.flatnonzero(pool_of == pool)
         ranks = rng.permutation(len(members)) + 1
         exposure[members] = ranks.astype(np.float64) ** -model.zipf_exponent
     log_exposure = np.log(exposure)
-    popularity = (log_exposure - log_exposure.mean()) / log_exposure.std()
-    ids = rng.choice(np.arange(1, 3 * n_news + 1), n_news, replace=False)
-    return {"day": day, "time": time, "category": category, "subcategory": subcategory,
-            "topic": topic, "exposure": exposure, "popularity": popularity,
-            "ids": np.array([f"N{i}" for i in ids], dtype=object)}
+    return exposure, (log_exposure - log_exposure.mean()) / log_exposure.std()
 
 
 class _Text:
@@ -375,6 +443,14 @@ class _Text:
         self.category_start = len(self.shared) + 12 * np.arange(n_categories)
         self.subcategory_start = len(self.shared) + 12 * n_categories + 12 * np.arange(n_subcategories)
         self.topic_start = len(self.shared) + 12 * (n_categories + n_subcategories) + 8 * np.arange(n_topics)
+        self.text_topic_start: np.ndarray | None = None
+        self._taken = taken
+
+    def add_text_topics(self, rng: np.random.Generator, n_text_topics: int) -> None:
+        """Word lists (10 words each) of latent text topics that cut across the taxonomy."""
+        words = _pseudo_words(rng, 10 * n_text_topics, self._taken)
+        self.text_topic_start = len(self.words) + 10 * np.arange(n_text_topics)
+        self.words = np.concatenate([self.words, np.array(words, dtype=object)])
 
     def token_matrix(self, rng: np.random.Generator, max_words: int, topic: np.ndarray, subcategory: np.ndarray,
                      category: np.ndarray, shares: tuple[float, float, float]) -> np.ndarray:
@@ -389,6 +465,13 @@ class _Text:
         level = np.minimum(source, 2)
         from_list = np.take_along_axis(topical, level, axis=1) + (pick * list_size[level]).astype(np.int64)
         return np.where(source == 3, shared, from_list)
+
+    def with_text_topics(self, rng: np.random.Generator, tokens: np.ndarray, text_topic: np.ndarray,
+                         share: float) -> np.ndarray:
+        """``tokens`` with a ``share`` of the words replaced by words of the news' text topic."""
+        replace = rng.random(tokens.shape) < share
+        words = self.text_topic_start[text_topic][:, None] + rng.integers(0, 10, tokens.shape)
+        return np.where(replace, words, tokens)
 
     def entity_json(self, entity: int | None, text: str) -> str:
         if entity is None:
@@ -414,14 +497,19 @@ def _compose(words: list[str], entity_label: str | None, entity_at: float, quote
 
 def _texts(rng: np.random.Generator, world: _World, text: _Text, *, mean_words: float, min_words: int,
            max_words: int, shares: tuple[float, float, float], entity_share: float, quote_share: float,
-           empty_share: float) -> tuple[list[str], list[int | None]]:
+           empty_share: float, text_rng: np.random.Generator | None = None,
+           text_share: float = 0.0, entity_override: np.ndarray | None = None) -> tuple[list[str], list[int | None]]:
     """One text per news (titles or abstracts) and the entity it mentions (or None)."""
     n = len(world.news_ids)
     lengths = np.clip(rng.poisson(mean_words, n), min_words, max_words)
     tokens = text.token_matrix(rng, max_words, world.news_topic, world.news_subcategory, world.news_category,
                                shares)
+    if text_rng is not None:
+        tokens = text.with_text_topics(text_rng, tokens, world.news_text_topic, text_share)
     has_entity = rng.random(n) < entity_share
     entity = text.topic_entities.draw(world.news_topic, rng.random(n))
+    if entity_override is not None:
+        entity = entity_override
     entity_at, quote_at = rng.random(n), rng.random(n)
     quote = rng.random(n) < quote_share
     quote_len = rng.integers(2, 4, n)
@@ -439,13 +527,23 @@ def _texts(rng: np.random.Generator, world: _World, text: _Text, *, mean_words: 
     return out, mentioned
 
 
-def _news_rows(rng: np.random.Generator, world: _World, text: _Text) -> tuple[list[str], list[list[int]]]:
-    """news.tsv lines (8 columns, no newline) and the entity ids each news mentions."""
+def _news_rows(rng: np.random.Generator, world: _World, text: _Text,
+               text_rng: np.random.Generator | None = None,
+               entity_rng: np.random.Generator | None = None) -> tuple[list[str], list[list[int]]]:
+    """news.tsv lines (8 columns, no newline) and the entity ids each news mentions. With ``text_rng``,
+    a share of the words come from the news' latent text topic; with ``entity_rng``, title entities are
+    drawn across the taxonomy with Zipf-like frequencies (a few entities in many news, as in MIND)."""
+    title_override = None
+    if entity_rng is not None:
+        n_entities = len(text.entity_id)
+        zipf = 1.0 / (entity_rng.permutation(n_entities) + 1.0)
+        title_override = entity_rng.choice(n_entities, len(world.news_ids), p=zipf / zipf.sum())
     titles, title_entity = _texts(rng, world, text, mean_words=10.5, min_words=4, max_words=24,
-                                  shares=(0.3, 0.2, 0.1), entity_share=0.4, quote_share=0.12, empty_share=0.0)
+                                  shares=(0.3, 0.2, 0.1), entity_share=0.4, quote_share=0.12, empty_share=0.0,
+                                  text_rng=text_rng, text_share=0.35, entity_override=title_override)
     abstracts, abstract_entity = _texts(rng, world, text, mean_words=24, min_words=6, max_words=60,
                                         shares=(0.15, 0.12, 0.08), entity_share=0.5, quote_share=0.05,
-                                        empty_share=0.08)
+                                        empty_share=0.08, text_rng=text_rng, text_share=0.3)
     url_codes = rng.integers(36 ** 5, 36 ** 6, len(titles))
     rows, entities = [], []
     for i in range(len(titles)):
@@ -458,13 +556,22 @@ def _news_rows(rng: np.random.Generator, world: _World, text: _Text) -> tuple[li
     return rows, entities
 
 
-def _build_users(rng: np.random.Generator, world: _World) -> None:
+def _build_users(rng: np.random.Generator, world: _World, extra_rng: np.random.Generator | None = None) -> None:
     size, model = world.size, world.model
     n_users = size.n_users
     ids = rng.choice(np.arange(1, 3 * n_users + 1), n_users, replace=False)
     world.user_ids = np.array([f"U{i}" for i in ids], dtype=object)
     world.user_group = rng.choice(3, n_users, p=[0.8, 0.1, 0.1]).astype(np.int8)
     world.user_activity = rng.lognormal(0.0, 1.0, n_users)
+    user, item, weight = _draw_interests(rng, world, n_users, extra_rng)
+    world.interest_user, world.interest_item, world.interest_weight = user, item, weight
+
+
+def _draw_interests(rng: np.random.Generator, world: _World, n_users: int,
+                    extra_rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse interests of ``n_users`` users from the prior: (user, combined item, weight), sorted by
+    (user, item). Entity and text-topic interests (worlds that use them) come from ``extra_rng``."""
+    model, knobs = world.model, world.knobs
     n_cat, n_sub = len(world.category_names), len(world.subcategory_names)
     # categories: 1..3 per user, without replacement, favouring popular categories (Gumbel top-k)
     category_share = np.bincount(world.news_category, minlength=n_cat) + 1.0
@@ -480,12 +587,46 @@ def _build_users(rng: np.random.Generator, world: _World) -> None:
     top_user, top_item = _pick_children(rng, sub_user, sub_item, topic_groups, (0.6, 0.4), n_topics)
     user = np.concatenate([cat_user, sub_user, top_user]).astype(np.int64)
     item = np.concatenate([cat_item, n_cat + sub_item, n_cat + n_sub + top_item]).astype(np.int64)
-    scale = np.concatenate([np.full(len(cat_user), model.category_scale),
-                            np.full(len(sub_user), model.subcategory_scale),
-                            np.full(len(top_user), model.topic_scale)])
+    c_scale, s_scale, t_scale = (np.array([model.category_scale, model.subcategory_scale, model.topic_scale])
+                                 * np.array(knobs.level_scale))
+    scale = np.concatenate([np.full(len(cat_user), c_scale), np.full(len(sub_user), s_scale),
+                            np.full(len(top_user), t_scale)])
     weight = scale * rng.gamma(2.0, 0.5, len(user))
+    if knobs.uses_entities or knobs.uses_text_topics:
+        extra_rng = extra_rng if extra_rng is not None else rng
+        off = world.level_offsets
+        parts = [(user, item, weight)]
+        if knobs.uses_entities:  # 2..6 entities, favouring often-mentioned ones
+            mentions = np.bincount(world.entity_csr[1], minlength=len(world.entity_ids)) + 0.5
+            parts.append(_top_k_interests(extra_rng, mentions, 2 + extra_rng.binomial(4, 0.4, n_users),
+                                          off[3], knobs.entity_scale))
+        if knobs.uses_text_topics:  # 1..3 text topics, favouring common ones
+            share = np.bincount(world.news_text_topic, minlength=world.n_text_topics) + 1.0
+            parts.append(_top_k_interests(extra_rng, share, 1 + extra_rng.binomial(2, 0.3, n_users),
+                                          off[4], knobs.text_topic_scale))
+        user, item, weight = (np.concatenate(x) for x in zip(*parts))
     order = np.argsort(user * world.n_interest_items + item, kind="stable")
-    world.interest_user, world.interest_item, world.interest_weight = user[order], item[order], weight[order]
+    return user[order], item[order], weight[order]
+
+
+def _top_k_interests(rng: np.random.Generator, frequency: np.ndarray, k: np.ndarray, offset: int,
+                     scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k[u] distinct items per user, favouring frequent ones (Gumbel top-k), gamma weights of mean scale."""
+    n_users, n_items = len(k), len(frequency)
+    keys = np.log(frequency / frequency.sum())[None, :] + rng.gumbel(size=(n_users, n_items))
+    top = np.argsort(-keys, axis=1)[:, : max(1, min(int(k.max()), n_items))]
+    chosen = np.arange(top.shape[1])[None, :] < k[:, None]
+    user, rank = np.nonzero(chosen)
+    return user.astype(np.int64), (offset + top[user, rank]).astype(np.int64), scale * rng.gamma(2.0, 0.5, len(user))
+
+
+def _merge_interests(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...], share_b: float,
+                     n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(1 - share_b) * a + share_b * b as one sparse interest set sorted by (user, item)."""
+    keys = np.concatenate([a[0] * n_items + a[1], b[0] * n_items + b[1]])
+    weights = np.concatenate([(1.0 - share_b) * a[2], share_b * b[2]])
+    unique, inverse = np.unique(keys, return_inverse=True)
+    return unique // n_items, unique % n_items, np.bincount(inverse, weights)
 
 
 def _pick_children(rng: np.random.Generator, parent_user: np.ndarray, parent_item: np.ndarray,
@@ -503,32 +644,35 @@ def _build_histories(rng: np.random.Generator, world: _World) -> None:
     size, model = world.size, world.model
     old = np.flatnonzero(world.news_day <= 0)
     lengths = sample_history_lengths(rng, size.n_users, model=model, max_len=min(size.max_history, len(old)))
-    n_cat, n_sub = len(world.category_names), len(world.subcategory_names)
-    level_of_item = np.where(world.interest_item < n_cat, 0, np.where(world.interest_item < n_cat + n_sub, 1, 2))
-    news_group = (world.news_category[old], world.news_subcategory[old], world.news_topic[old])
-    level_offset = (0, n_cat, n_cat + n_sub)
-    level_news = [_WeightedGroups(g, world.news_exposure[old], n) for g, n in
-                  zip(news_group, (n_cat, n_sub, len(world.topic_subcategory)))]
-    level_interest = []
-    for level in range(3):
+    level_offset = world.level_offsets
+    level_of_item = np.searchsorted(np.array(level_offset), world.interest_item, side="right") - 1
+    weight = world.history_weight[old]
+    mix = world.knobs.mix()
+    levels = [level for level in (0, 1, 2, 3, 4) if level < 3 or (len(mix) > 4 and mix[level + 1] > 0)]  # 3: entity, 4: text
+    level_news, level_pair_news, level_interest = {}, {}, {}
+    for level in levels:
+        group, pair_news, n_groups = _history_groups(world, old, level)
+        level_news[level] = _WeightedGroups(group, weight[pair_news], n_groups)
+        level_pair_news[level] = pair_news
         rows = np.flatnonzero(level_of_item == level)
-        level_interest.append((rows, _WeightedGroups(world.interest_user[rows], world.interest_weight[rows],
-                                                     size.n_users)))
-    global_news = _WeightedGroups(np.zeros(len(old), dtype=np.int64), world.news_exposure[old], 1)
+        level_interest[level] = (rows, _WeightedGroups(world.interest_user[rows], world.interest_weight[rows],
+                                                       size.n_users))
+    global_news = _WeightedGroups(np.zeros(len(old), dtype=np.int64), weight, 1)
+    source_of_level = {0: 0, 1: 1, 2: 2, 3: 4, 4: 5}  # history_mix index (3 is "anything popular")
 
     def draw(owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # mixture: category 15%, subcategory 25%, topic 40% of the user's interests; 20% anything popular
-        source = rng.choice(4, len(owner), p=[0.15, 0.25, 0.4, 0.2])
+        # mixture over the world's history_mix: the user's interests at each level, or anything popular
+        source = rng.choice(len(mix), len(owner), p=mix)
         picked = global_news.draw(np.zeros(len(owner), dtype=np.int64), rng.random(len(owner)))
-        for level in range(3):
+        for level in levels:
             rows, interests = level_interest[level]
-            sel = np.flatnonzero(source == level)
+            sel = np.flatnonzero(source == source_of_level[level])
             sel = sel[interests.nonempty(owner[sel])]
             entry = rows[interests.draw(owner[sel], rng.random(len(sel)))]
             group = world.interest_item[entry] - level_offset[level]
             has_news = level_news[level].nonempty(group)
             sel, group = sel[has_news], group[has_news]
-            picked[sel] = level_news[level].draw(group, rng.random(len(sel)))
+            picked[sel] = level_pair_news[level][level_news[level].draw(group, rng.random(len(sel)))]
         return picked, np.ones(len(owner), dtype=bool)
 
     counts, blocks, texts = [], [], []
@@ -545,6 +689,22 @@ def _build_histories(rng: np.random.Generator, world: _World) -> None:
     world.history_offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))])
     world.history_news = np.concatenate(blocks)
     world.history_text = pl.concat(texts, rechunk=True)
+
+
+def _history_groups(world: _World, old: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(group, news, n_groups): (interest group, position in ``old``) pairs of a level; a news is in
+    one category, subcategory, topic and text topic, and in the group of every entity it mentions."""
+    if level == 3:
+        offsets, flat = world.entity_csr
+        counts = offsets[old + 1] - offsets[old]
+        pair_news = np.repeat(np.arange(len(old)), counts)
+        group = flat[np.repeat(offsets[old], counts) + _rank_within(pair_news, len(old))]
+        return group, pair_news, len(world.entity_ids)
+    group, n_groups = {0: (world.news_category, len(world.category_names)),
+                       1: (world.news_subcategory, len(world.subcategory_names)),
+                       2: (world.news_topic, len(world.topic_subcategory)),
+                       4: (world.news_text_topic, world.n_text_topics)}[level]
+    return group[old], np.arange(len(old)), n_groups
 
 
 def _join_ids(world: _World, news: np.ndarray, offsets: np.ndarray, labels: np.ndarray | None) -> pl.Series:
@@ -565,25 +725,115 @@ def _csr_lists(values: pl.Series, offsets: np.ndarray) -> pl.Series:
     return pl.Series(pa.LargeListArray.from_arrays(arrow_offsets, arrow_values))
 
 
-def _build_world(size: SynthSize, model: ClickModel, seed: int) -> _World:
-    rng = np.random.default_rng([seed, 1])
-    categories, subcategories, subcategory_category, topic_subcategory = _build_taxonomy(rng, size)
-    news = _build_news(rng, size, model, categories, subcategory_category, topic_subcategory)
-    world = _World(size=size, model=model, category_names=categories, subcategory_names=subcategories,
-                   subcategory_category=subcategory_category, topic_subcategory=topic_subcategory,
-                   news_topic=news["topic"], news_subcategory=news["subcategory"], news_category=news["category"],
-                   news_day=news["day"], news_time=news["time"], news_exposure=news["exposure"],
-                   news_popularity=news["popularity"], news_ids=news["ids"])
+def _build_world(size: SynthSize, model: ClickModel, seed: int, knobs: World = World(),
+                 real: RealNewsWorld | None = None) -> _World:
+    if real is not None:
+        world = real.world(size, model, knobs, seed)
+    else:
+        rng = np.random.default_rng([seed, 1])
+        categories, subcategories, subcategory_category, topic_subcategory = _build_taxonomy(rng, size)
+        news = _build_news(rng, size, model, categories, subcategory_category, topic_subcategory)
+        world = _World(size=size, model=model, category_names=categories, subcategory_names=subcategories,
+                       subcategory_category=subcategory_category, topic_subcategory=topic_subcategory,
+                       news_topic=news["topic"], news_subcategory=news["subcategory"],
+                       news_category=news["category"], news_day=news["day"], news_time=news["time"],
+                       news_exposure=news["exposure"], news_popularity=news["popularity"], news_ids=news["ids"],
+                       knobs=knobs, topic_names=[f"{subcategories[s]}/{i % size.topics_per_subcategory}"
+                                                 for i, s in enumerate(topic_subcategory)])
+    _apply_exposure(world)
     with progress(total=3, desc="synth world", unit="step") as bar:
-        text = _Text(np.random.default_rng([seed, 2]), len(categories), len(subcategories), len(topic_subcategory))
-        world.news_rows, world.news_entities = _news_rows(np.random.default_rng([seed, 3]), world, text)
-        world.entity_ids, world.entity_vectors = text.entity_id, text.entity_vectors
+        if real is None:
+            text = _Text(np.random.default_rng([seed, 2]), len(world.category_names), len(world.subcategory_names),
+                         len(world.topic_subcategory))
+            text_rng = None
+            if knobs.uses_text_topics:  # latent text topics across the taxonomy, carried by their own words
+                topic_rng = np.random.default_rng([seed, 24])
+                world.n_text_topics = max(6, len(world.category_names))
+                world.news_text_topic = topic_rng.integers(0, world.n_text_topics, len(world.news_ids))
+                text.add_text_topics(topic_rng, world.n_text_topics)
+                text_rng = np.random.default_rng([seed, 25])
+            entity_rng = np.random.default_rng([seed, 27]) if knobs.uses_entities else None
+            world.news_rows, world.news_entities = _news_rows(np.random.default_rng([seed, 3]), world, text,
+                                                              text_rng, entity_rng)
+            world.entity_ids, world.entity_vectors = text.entity_id, text.entity_vectors
         bar.update()
-        _build_users(np.random.default_rng([seed, 4]), world)
+        _build_users(np.random.default_rng([seed, 4]), world, np.random.default_rng([seed, 22]))
+        if knobs.drift > 0:  # impression-period interests: part of the weight moves to fresh interests
+            fresh = _draw_interests(np.random.default_rng([seed, 23]), world, size.n_users,
+                                    np.random.default_rng([seed, 26]))
+            world.impression_interests = _merge_interests(
+                (world.interest_user, world.interest_item, world.interest_weight), fresh, knobs.drift,
+                world.n_interest_items)
         bar.update()
         _build_histories(np.random.default_rng([seed, 5]), world)
         bar.update()
     return world
+
+
+def _apply_exposure(world: _World) -> None:
+    """Showing weights and history-draw weights of the world's exposure mode."""
+    if world.knobs.exposure == "uniform":
+        world.news_exposure = np.ones(len(world.news_ids))
+        world.history_weight = np.exp(world.model.popularity_scale * world.news_popularity)
+    else:
+        world.history_weight = world.news_exposure
+
+
+@dataclass
+class RealNewsWorld:
+    """News of a real news.tsv placed in time: publication days, popularity, text topics, entities."""
+
+    news: RealNews
+    old_share: float = 0.4  # share of the news published before day 1 (the history pool)
+
+    def size_for(self, spec: SynthSize) -> SynthSize:
+        """``spec`` scaled to the news available: users in proportion to the news, impressions by the
+        square root of that ratio (fewer news are shown more often), never above ``spec``."""
+        n = len(self.news.ids)
+        ratio = min(1.0, n / (spec.n_old_news + 7 * spec.news_per_day))
+        n_old = int(round(self.old_share * n))
+        return replace(spec, name=f"{spec.name}-news{n}", n_users=max(200, int(round(spec.n_users * ratio))),
+                       n_old_news=n_old, news_per_day=(n - n_old) // 7,
+                       train_impressions=max(500, int(round(spec.train_impressions * ratio ** 0.5))),
+                       dev_impressions=max(200, int(round(spec.dev_impressions * ratio ** 0.5))),
+                       test_impressions=max(200, int(round(spec.test_impressions * ratio ** 0.5))))
+
+    def world(self, size: SynthSize, model: ClickModel, knobs: World, seed: int) -> _World:
+        news = self.news
+        n = len(news.ids)
+        rng = np.random.default_rng([seed, 11])
+        day = np.empty(n, dtype=np.int64)
+        order = rng.permutation(n)
+        n_old = size.n_old_news
+        day[order[:n_old]] = rng.integers(-13, 1, n_old)
+        day[order[n_old:]] = np.arange(n - n_old) % 7 + 1
+        time = day * SECONDS_PER_DAY + rng.random(n) * SECONDS_PER_DAY
+        exposure, popularity = _zipf_popularity(rng, day, model)
+        categories, category = np.unique(np.array(news.category, dtype=object).astype(str), return_inverse=True)
+        pairs = np.array([f"{c}\t{s}" for c, s in zip(news.category, news.subcategory)])
+        sub_keys, subcategory = np.unique(pairs, return_inverse=True)
+        subcategory_category = np.searchsorted(categories, [k.split("\t")[0] for k in sub_keys])
+        text_topic, n_text_topics = text_topics(news.text, seed)
+        topic_keys, topic = np.unique(subcategory * n_text_topics + text_topic, return_inverse=True)
+        entity_ids = sorted({e for es in news.entities for e in es})
+        entity_index = {e: i for i, e in enumerate(entity_ids)}
+        world = _World(size=size, model=model, category_names=[str(c) for c in categories],
+                       subcategory_names=[k.split("\t")[1] for k in sub_keys],
+                       subcategory_category=subcategory_category.astype(np.int64),
+                       topic_subcategory=(topic_keys // n_text_topics).astype(np.int64),
+                       news_topic=topic.astype(np.int64), news_subcategory=subcategory.astype(np.int64),
+                       news_category=category.astype(np.int64), news_day=day, news_time=time,
+                       news_exposure=exposure, news_popularity=popularity,
+                       news_ids=np.array(news.ids, dtype=object), knobs=knobs,
+                       topic_names=[f"{sub_keys[k // n_text_topics].split(chr(9))[1]}/text{k % n_text_topics}"
+                                    for k in topic_keys],
+                       news_text_topic=text_topic, n_text_topics=n_text_topics)
+        world.news_rows = list(news.rows)
+        world.news_entities = [[entity_index[e] for e in es] for es in news.entities]
+        world.entity_ids = entity_ids
+        # random vectors: the real entity embeddings are not part of news.tsv
+        world.entity_vectors = rng.normal(0, 0.08, (len(entity_ids), ENTITY_DIM))
+        return world
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,6 +850,7 @@ class _Chunk:
     news: np.ndarray  # int64 [m] candidate news, in the shown (random) order
     base_logit: np.ndarray  # float64 [m] visible logit without the bias
     hidden_noise: np.ndarray  # float64 [m] eta + logistic draw: what the oracle cannot see
+    rest: np.ndarray  # float64 [m] popularity + freshness terms of base_logit (all but the affinity)
 
     def clicks(self, bias: float) -> np.ndarray:
         """Clicked bool [m]; an impression with no positive draw gets its highest draw clicked."""
@@ -618,10 +869,14 @@ class _Impressions:
 
     def __init__(self, world: _World) -> None:
         self.world = world
-        decay = world.model.exposure_decay
+        knobs = world.knobs
+        decay = world.model.exposure_decay if knobs.exposure == "popularity" else (1.0,) * len(world.model.exposure_decay)
+        first_cold_day = min(SPLIT_DAYS["dev"])
         pool, members, weights = [], [], []
         for day in range(1, 8):
             for age, factor in enumerate(decay):
+                if knobs.cold_test and day >= first_cold_day and day - age < first_cold_day:
+                    continue  # cold-test: dev/test show only news published after the training days
                 news = np.flatnonzero(world.news_day == day - age)
                 pool.append(np.full(len(news), day))
                 members.append(news)
@@ -629,7 +884,7 @@ class _Impressions:
         self.pool_news = np.concatenate(members)
         self.pools = _WeightedGroups(np.concatenate(pool), np.concatenate(weights), 8)
         # candidates per impression on each day: at most half of that day's pool
-        pool_sizes = np.array([np.sum((world.news_day <= d) & (world.news_day >= d - 2)) for d in range(8)])
+        pool_sizes = np.bincount(np.concatenate(pool), minlength=8)
         self.max_size = np.clip(pool_sizes // 2, 2, world.size.max_candidates)
         self.users = _WeightedGroups(world.user_group.astype(np.int64), world.user_activity, 3)
         self.hour_p = _HOUR_WEIGHTS / _HOUR_WEIGHTS.sum()
@@ -667,10 +922,13 @@ class _Impressions:
             user, time, counts = user[ok], time[ok], counts[ok]
         offsets = np.concatenate([[0], np.cumsum(counts)])
         age_hours = (time[owner] - world.news_time[news]) / 3600.0
-        base = (world.affinity(user[owner], news) + model.popularity_scale * world.news_popularity[news]
-                + model.freshness_scale * np.exp(-age_hours / 24.0))
+        popularity_term = model.popularity_scale * world.news_popularity[news]
+        freshness_term = model.freshness_scale * np.exp(-age_hours / 24.0)
+        base = world.affinity(user[owner], news) + popularity_term + freshness_term
+        rest = popularity_term + freshness_term
         noise = rng.normal(0.0, model.noise_std, len(news)) + rng.logistic(0.0, 1.0, len(news))
-        return _Chunk(user=user, time=time, offsets=offsets, news=news, base_logit=base, hidden_noise=noise)
+        return _Chunk(user=user, time=time, offsets=offsets, news=news, base_logit=base, hidden_noise=noise,
+                      rest=rest)
 
 
 def oracle_probability(logit: np.ndarray, noise_std: float) -> np.ndarray:
@@ -725,6 +983,7 @@ class _TruthChunk:
     news: np.ndarray  # int32 [m]
     label: np.ndarray  # int8 [m]
     probability: np.ndarray  # float32 [m]
+    rest: np.ndarray  # float32 [m] popularity + freshness terms of the logit
 
 
 @dataclass
@@ -781,7 +1040,7 @@ def _write_split(out_dir: Path, split: str, world: _World, impressions: _Impress
                             user=chunk.user.astype(np.int32), counts=np.diff(chunk.offsets).astype(np.int32),
                             news=chunk.news.astype(np.int32), label=clicked.astype(np.int8),
                             probability=oracle_probability(chunk.base_logit + bias, world.model.noise_std)
-                            .astype(np.float32)))
+                            .astype(np.float32), rest=chunk.rest.astype(np.float32)))
                     bar.update(n)
             history_owner_seen = np.repeat(users_seen, np.diff(world.history_offsets))
             result.referenced_news[world.history_news[history_owner_seen]] = True
@@ -794,6 +1053,109 @@ def _write_split(out_dir: Path, split: str, world: _World, impressions: _Impress
                 for e in entities))
             archive.writestr(_zip_member("relation_embedding.vec"), _relation_vectors(seed))
     return result
+
+
+HISTORY_BANK = 2000  # prior draws of the importance sampler of the history-only limit
+HISTORY_TOP = 64  # draws kept per user (the heaviest; the weight left out is reported)
+HISTORY_ONLY_METHOD = (
+    "self-normalised importance sampling over {bank} draws of the interest prior: each draw weighted by "
+    "the likelihood of the user's history under the world's history-draw mixture (draws with replacement, "
+    "the generator's without-replacement dedupe ignored), the {top} heaviest draws per user kept; "
+    "history_only scores a candidate by the posterior "
+    "mean of P(click | interests) without the popularity and freshness terms, history_only_popularity by "
+    "the posterior mean with the news' true popularity and freshness terms; with few effective draws the "
+    "numbers sit below the exact Bayes limit")
+
+
+def _history_only(world: _World, splits: dict[str, dict[str, np.ndarray]], seed: int,
+                  n_bank: int = HISTORY_BANK) -> dict[str, Any]:
+    """Metrics of scores that see only the history (see ``HISTORY_ONLY_METHOD``), per split."""
+    from scipy import sparse
+
+    from newsrec.eval.metrics import compute_metrics
+
+    n_items = world.n_interest_items
+
+    def bank(rng_a: int, rng_b: int) -> np.ndarray:
+        user, item, weight = _draw_interests(np.random.default_rng([seed, rng_a]), world, n_bank,
+                                             np.random.default_rng([seed, rng_b]))
+        dense = np.zeros((n_bank, n_items))
+        np.add.at(dense, (user, item), weight)
+        return dense
+
+    history_w = bank(30, 31)
+    impression_w = history_w
+    if world.knobs.drift > 0:
+        impression_w = (1.0 - world.knobs.drift) * history_w + world.knobs.drift * bank(32, 33)
+
+    # P[m, j]: probability that one history draw of a user with interests m picks old news j
+    old = np.flatnonzero(world.news_day <= 0)
+    hw = world.history_weight[old]
+    mix = np.zeros(6)
+    mix[: len(world.knobs.mix())] = world.knobs.mix()
+    global_p = hw / hw.sum()
+    prob = np.zeros((n_bank, len(old)))
+    fallback = np.full(n_bank, mix[3])  # "anything popular", and every draw that finds no interest
+    off = world.level_offsets
+    for level, source in ((0, 0), (1, 1), (2, 2), (3, 4), (4, 5)):
+        if mix[source] == 0:
+            continue
+        group, pair_news, n_groups = _history_groups(world, old, level)
+        if n_groups == 0:
+            fallback += mix[source]
+            continue
+        level_w = history_w[:, off[level]: off[level] + n_groups]
+        total = level_w.sum(axis=1)
+        normalised = level_w / np.where(total > 0, total, 1.0)[:, None]
+        group_sum = np.bincount(group, hw[pair_news], minlength=n_groups)
+        fallback += mix[source] * ((total <= 0) + normalised[:, group_sum == 0].sum(axis=1))
+        within = sparse.csr_matrix((hw[pair_news] / group_sum[group], (group, pair_news)), shape=(n_groups, len(old)))
+        prob += mix[source] * np.asarray((within.T @ normalised.T).T)
+    prob += fallback[:, None] * global_p[None, :]
+    log_prob = np.log(np.maximum(prob, 1e-300)).astype(np.float32)
+    del prob
+
+    # log-likelihood of each user's history under each draw: (users x old news counts) @ log P^T
+    users = np.unique(np.concatenate([a["user"] for a in splits.values()]).astype(np.int64))
+    lo, hi = world.history_offsets[users], world.history_offsets[users + 1]
+    lengths = hi - lo
+    owner = np.repeat(np.arange(len(users)), lengths)
+    positions = np.searchsorted(old, world.history_news[np.repeat(lo, lengths) + _rank_within(owner, len(users))])
+    counts = sparse.csr_matrix((np.ones(len(owner), np.float32), (owner, positions)), shape=(len(users), len(old)))
+    log_lik = np.asarray(counts @ log_prob.T, dtype=np.float64)  # [users, bank]
+    weights = np.exp(log_lik - log_lik.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    ess = 1.0 / (weights ** 2).sum(axis=1)
+    top = min(HISTORY_TOP, n_bank)
+    top_draw = np.argpartition(-weights, top - 1, axis=1)[:, :top]
+    top_weight = np.take_along_axis(weights, top_draw, axis=1)
+    left_out = 1.0 - top_weight.sum(axis=1)
+    top_weight /= top_weight.sum(axis=1, keepdims=True)
+
+    out: dict[str, Any] = {"history_only": {}, "history_only_popularity": {}}
+    noise = world.model.noise_std
+    for split, arrays in splits.items():
+        news, inverse = np.unique(arrays["news"].astype(np.int64), return_inverse=True)
+        owner, item = world.news_items(news)
+        membership = sparse.csr_matrix((np.ones(len(owner)), (item, owner)), shape=(n_items, len(news)))
+        affinity = np.asarray((membership.T @ impression_w.T).T)  # [bank, news]
+        user_row = np.searchsorted(users, arrays["user"].astype(np.int64))
+        candidate_user = np.repeat(user_row, np.diff(arrays["offsets"]))
+        alone = np.empty(len(inverse))
+        with_popularity = np.empty(len(inverse))
+        for start in range(0, len(inverse), 20_000):
+            sl = slice(start, start + 20_000)
+            logit = affinity[top_draw[candidate_user[sl]], inverse[sl, None]] + world.bias  # [c, top]
+            w = top_weight[candidate_user[sl]]
+            alone[sl] = (w * oracle_probability(logit, noise)).sum(axis=1)
+            with_popularity[sl] = (w * oracle_probability(logit + arrays["rest"][sl, None], noise)).sum(axis=1)
+        out["history_only"][split] = compute_metrics(arrays["label"], alone, arrays["offsets"])
+        out["history_only_popularity"][split] = compute_metrics(arrays["label"], with_popularity, arrays["offsets"])
+    out["history_only_method"] = HISTORY_ONLY_METHOD.format(bank=n_bank, top=top)
+    out["history_only_effective_draws"] = {"mean": float(ess.mean()), "median": float(np.median(ess)),
+                                           "mean_weight_left_out": float(left_out.mean()),
+                                           "max_weight_left_out": float(left_out.max())}
+    return out
 
 
 def _relation_vectors(seed: int) -> str:
@@ -811,6 +1173,7 @@ def _truth_frame(world: _World, result: _SplitResult) -> tuple[pl.DataFrame, dic
         "probability": np.concatenate([c.probability for c in chunks]),
         "label": np.concatenate([c.label for c in chunks]),
         "user": np.concatenate([c.user for c in chunks]),
+        "rest": np.concatenate([c.rest for c in chunks]),
     }
     offsets_all = arrays["offsets"]
     frame = pl.DataFrame({
@@ -824,17 +1187,17 @@ def _truth_frame(world: _World, result: _SplitResult) -> tuple[pl.DataFrame, dic
 
 
 def _users_frame(world: _World) -> pl.DataFrame:
-    n_cat, n_sub = len(world.category_names), len(world.subcategory_names)
-    names = np.array(world.category_names + world.subcategory_names
-                     + [f"{world.subcategory_names[s]}/{i % world.size.topics_per_subcategory}"
-                        for i, s in enumerate(world.topic_subcategory)], dtype=object)
-    level = np.where(world.interest_item < n_cat, "category",
-                     np.where(world.interest_item < n_cat + n_sub, "subcategory", "topic"))
-    interests = pl.DataFrame({"user": world.interest_user, "level": level,
-                              "interest": names[world.interest_item].astype(str),
-                              "weight": world.interest_weight.astype(np.float32)})
-    per_user = interests.group_by("user", maintain_order=True).agg(
-        pl.col("level").alias("interest_level"), pl.col("interest"), pl.col("weight").alias("interest_weight"))
+    names = np.array(world.category_names + world.subcategory_names + world.topic_names + list(world.entity_ids)
+                     + [f"text{k}" for k in range(world.n_text_topics)], dtype=object)
+    level_names = np.array(["category", "subcategory", "topic", "entity", "text_topic"])
+
+    def per_user(user: np.ndarray, item: np.ndarray, weight: np.ndarray, prefix: str) -> pl.DataFrame:
+        level = level_names[np.searchsorted(np.array(world.level_offsets), item, side="right") - 1]
+        interests = pl.DataFrame({"user": user, "level": level, "interest": names[item].astype(str),
+                                  "weight": weight.astype(np.float32)})
+        return interests.group_by("user", maintain_order=True).agg(
+            pl.col("level").alias(f"{prefix}interest_level"), pl.col("interest").alias(f"{prefix}interest"),
+            pl.col("weight").alias(f"{prefix}interest_weight"))
     users = pl.DataFrame({
         "user": np.arange(world.size.n_users),
         "user_id": world.user_ids.astype(str),
@@ -842,7 +1205,11 @@ def _users_frame(world: _World) -> pl.DataFrame:
         "activity": world.user_activity.astype(np.float32),
         "history_len": np.diff(world.history_offsets).astype(np.int32),
     })
-    return users.join(per_user, on="user", how="left").sort("user").drop("user")
+    users = users.join(per_user(world.interest_user, world.interest_item, world.interest_weight, ""),
+                       on="user", how="left")
+    if world.impression_interests is not None:  # drift: the interests behind impression-period clicks
+        users = users.join(per_user(*world.impression_interests, "impression_"), on="user", how="left")
+    return users.sort("user").drop("user")
 
 
 def _news_frame(world: _World, splits: dict[str, _SplitResult]) -> pl.DataFrame:
@@ -856,6 +1223,7 @@ def _news_frame(world: _World, splits: dict[str, _SplitResult]) -> pl.DataFrame:
         "popularity": world.news_popularity.astype(np.float32),
         "exposure_weight": world.news_exposure.astype(np.float32),
         **{f"in_{split}": result.referenced_news for split, result in splits.items()},
+        **({"text_topic": world.news_text_topic.astype(np.int32)} if world.news_text_topic is not None else {}),
     })
 
 
@@ -870,7 +1238,14 @@ users.parquet           user_id, kind (returning / new_in_dev / new_in_test), ac
 news.parquet            news_id, category, subcategory, topic, publish_time, popularity (the
                         click-through latent), exposure_weight, in_<split> (listed in that news.tsv)
 oracle_metrics.json     AUC / MRR / nDCG@5 / nDCG@10 of ranking by the true probability, dev and test
-summary.json            sizes, click rates, history lengths, cold-start shares, the click model
+history_only_metrics.json  the same metrics of scores that see only the user's history (a posterior
+                        over the interests given the history; method and effective draws inside),
+                        alone (history_only) and with the news' true popularity and freshness
+                        terms (history_only_popularity)
+summary.json            sizes, click rates, history lengths, cold-start shares, the click model, the
+                        world's knobs, oracle and history-only metrics
+users.parquet (drift)   also impression_interest_*: the interests behind impression-period clicks
+news.parquet (text)     also text_topic: the latent text topic of worlds that have them
 """
 
 
@@ -883,22 +1258,34 @@ def resolve_size(size: str | SynthSize) -> SynthSize:
     return SIZES[size]
 
 
-def generate(out_dir: str | Path, *, size: str | SynthSize = "small", seed: int = 0,
-             model: ClickModel = ClickModel()) -> dict[str, Any]:
+def generate(out_dir: str | Path, *, size: str | SynthSize = "small", seed: int = 0, world: str | World = "default",
+             news_path: str | Path | None = None, model: ClickModel = ClickModel(),
+             history_bank: int = HISTORY_BANK) -> dict[str, Any]:
     """Write ``MINDsynth_{train,dev,test}.zip`` and ``ground_truth/`` into ``out_dir``.
 
-    Returns a summary: counts per split, click rates, history-length quantiles, cold-start shares and
+    ``world`` names a world of ``newsrec.data.worlds`` (or several joined by ``+``); ``news_path`` (a
+    MIND news.tsv, a folder or a zip) simulates users over real news instead of generated ones, the
+    sizes scaled to the news available (``RealNewsWorld.size_for``).
+
+    Returns a summary: counts per split, click rates, history-length quantiles, cold-start shares,
     ``oracle`` = {"dev": metrics, "test": metrics} (``newsrec.eval.metrics.compute_metrics`` of the
-    true probabilities). The same seed gives byte-identical zips.
+    true probabilities) and ``history_only`` / ``history_only_popularity`` (the same metrics for
+    scores that see only the history, see ``HISTORY_ONLY_METHOD``). The same seed gives
+    byte-identical zips.
     """
     from newsrec.eval.metrics import compute_metrics
 
     spec = resolve_size(size)
+    knobs = resolve_world(world)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise NewsrecError(f"synth: seed={seed!r} must be a non-negative integer")
+    real = None
+    if news_path is not None:
+        real = RealNewsWorld(read_real_news(news_path))
+        spec = real.size_for(spec)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    world = _build_world(spec, model, seed)
+    world = _build_world(spec, model, seed, knobs, real)
     impressions = _Impressions(world)
     world.bias = _calibrate_bias(impressions, seed, model.click_rate, min(spec.train_impressions, 20_000))
     time_text = _time_tables()
@@ -912,6 +1299,7 @@ def generate(out_dir: str | Path, *, size: str | SynthSize = "small", seed: int 
     train_news = results["train"].referenced_news
     oracle: dict[str, dict[str, Any]] = {}
     summary_splits: dict[str, dict[str, Any]] = {}
+    truth_arrays: dict[str, dict[str, np.ndarray]] = {}
     with atomic_dir(out_dir / "ground_truth") as truth_dir:
         for split, result in results.items():
             info = {"impressions": result.impressions, "candidates": result.candidates,
@@ -922,16 +1310,19 @@ def generate(out_dir: str | Path, *, size: str | SynthSize = "small", seed: int 
                 frame, arrays = _truth_frame(world, result)
                 frame.write_parquet(truth_dir / f"{split}_truth.parquet")
                 oracle[split] = compute_metrics(arrays["label"], arrays["probability"], arrays["offsets"])
+                truth_arrays[split] = arrays
                 cold = ~train_news[arrays["news"]]
                 info["cold_candidate_share"] = float(cold.mean())
                 info["cold_news"] = int(np.unique(arrays["news"][cold]).size)
                 info["new_user_share"] = float(np.mean(world.user_group[arrays["user"]] > 0))
             summary_splits[split] = info
+        limits = _history_only(world, truth_arrays, seed, history_bank)
         _users_frame(world).write_parquet(truth_dir / "users.parquet")
         _news_frame(world, results).write_parquet(truth_dir / "news.parquet")
         history_lengths = np.diff(world.history_offsets)
         summary = {
-            "size": spec.name, "seed": seed, "out_dir": str(out_dir),
+            "size": spec.name, "seed": seed, "world": knobs.name, "out_dir": str(out_dir),
+            "news_source": real.news.label if real is not None else None,
             "zips": {split: str(out_dir / f"MINDsynth_{split}.zip") for split in SPLIT_DAYS},
             "ground_truth": str(out_dir / "ground_truth"),
             "users": spec.n_users, "news": len(world.news_ids),
@@ -943,10 +1334,13 @@ def generate(out_dir: str | Path, *, size: str | SynthSize = "small", seed: int 
                             "empty_share": float(np.mean(history_lengths == 0))},
             "splits": summary_splits,
             "oracle": oracle,
+            **limits,
             "click_model": {**asdict(model), "bias": world.bias},
+            "world_knobs": asdict(knobs),
             "size_spec": asdict(spec),
         }
         write_json(truth_dir / "oracle_metrics.json", {**oracle, "click_model": summary["click_model"]})
+        write_json(truth_dir / "history_only_metrics.json", limits)
         write_json(truth_dir / "summary.json", summary)
         (truth_dir / "README.txt").write_text(_GROUND_TRUTH_README.replace("{split}", "<split>"), encoding="utf-8")
     return summary

@@ -10,9 +10,17 @@ Endpoints::
                       ("history": the clicks fed to the user encoder, oldest first)
     GET  /users       ?limit=50 (1..1000) → {"user_ids": [...], "total"}: sample user ids of the dataset
     POST /news        {"news_id", "title", "category"?, "subcategory"?} → 201, the news is retrievable
+                      (beyond ``serve.max_fresh_news`` fresh news the oldest are evicted)
     POST /index/save  persist fresh news into INDEX_DIR (atomic); also done at shutdown
     GET  /health      {"status": "ok", news count, index kind, uptime, counters}
-    GET  /metrics     counters: requests, 4xx, 5xx per endpoint; latency p50/p95/p99 (ms)
+    GET  /metrics     Prometheus text format: requests by route and status, latency histograms,
+                      index size, fresh news, micro-batch sizes (a registry of this app only)
+    GET  /metrics.json  counters: requests, 4xx, 5xx per endpoint; latency p50/p95/p99 (ms)
+
+Writes (POST /news, POST /index/save) need ``Authorization: Bearer <token>`` when an admin token
+is set (``serve.admin_token`` or $NEWSREC_ADMIN_TOKEN): 401 without one, 403 for a wrong one
+(compared in constant time). ``check_open_writes`` refuses to serve writes without a token on a
+host other than loopback.
 
 Bad input never reaches the model: malformed JSON → 400; missing/extra fields, wrong types, k or
 limit out of range, a history longer than ``serve.max_history`` → 422; unknown user → 404; unknown
@@ -24,27 +32,75 @@ fresh news id → 409. Every error answers ``{"detail": "<one line>"}``; an unex
 # No `from __future__ import annotations`: FastAPI must see the request models built in create_app.
 
 import contextlib
+import hmac
 import importlib.resources
+import ipaddress
 import logging
+import os
 import threading
 import time
 from collections import deque
 from typing import Any, AsyncIterator
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from newsrec.config import ServeConfig
-from newsrec.errors import NewsrecError
+from newsrec.errors import ConfigError, NewsrecError
 from newsrec.serve.service import DuplicateNewsError, Recommender, UnknownNewsError, UnknownUserError
 
 log = logging.getLogger("newsrec.serve")
 MAX_ID_CHARS = 128
 MAX_SAMPLE_USERS = 1000
+TOKEN_ENV = "NEWSREC_ADMIN_TOKEN"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+# ---------------------------------------------------------------------------- write protection
+def admin_token(cfg: ServeConfig) -> str:
+    """The token write endpoints require: ``serve.admin_token``, else $NEWSREC_ADMIN_TOKEN, else ""
+    (writes open)."""
+    return cfg.admin_token or os.environ.get(TOKEN_ENV, "")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_open_writes(cfg: ServeConfig, host: str) -> None:
+    """ConfigError when serving on a non-loopback ``host`` with write endpoints open to anyone."""
+    if not admin_token(cfg) and not is_loopback(host) and not cfg.allow_open_writes:
+        raise ConfigError(f"serving on {host} without an admin token would let anyone add news and "
+                          f"overwrite the index; set {TOKEN_ENV} (or serve.admin_token), or pass "
+                          f"--allow-open-writes")
+
+
+def _write_guard(token: str) -> Any:
+    """A FastAPI dependency: the bearer token check of the write endpoints (none when ``token`` is "")."""
+    expected = token.encode("utf-8")
+
+    async def require_token(request: Request) -> None:
+        if not expected:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise StarletteHTTPException(401, "this endpoint needs 'Authorization: Bearer <admin token>'",
+                                         headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode("utf-8"), expected):
+            raise StarletteHTTPException(403, "wrong admin token")
+
+    return require_token
 
 
 # ---------------------------------------------------------------------------- request / response
@@ -145,6 +201,54 @@ class ServiceMetrics:
                 "errors_4xx": totals["4xx"], "errors_5xx": totals["5xx"], "endpoints": endpoints}
 
 
+class PrometheusMetrics:
+    """The app's Prometheus metrics, in a registry of its own (several apps may live in one
+    process): requests by route, method and status, latency histograms by route, index size,
+    fresh news, micro-batch sizes."""
+
+    def __init__(self, service: Recommender) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("newsrec_requests", "HTTP requests answered", ["method", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("newsrec_request_duration_seconds", "Time to answer a request",
+                                 ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("newsrec_batch_size", "Requests per batched model call",
+                                    buckets=BATCH_BUCKETS, registry=self.registry)
+        Gauge("newsrec_index_news", "News the index searches", registry=self.registry
+              ).set_function(lambda: service.index.count)
+        Gauge("newsrec_fresh_news", "Fresh news added through POST /news and kept", registry=self.registry
+              ).set_function(lambda: service.stats()["fresh_news"])
+        self.registry.register(_EvictedCollector(service))
+
+    def record(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class _EvictedCollector:
+    """``newsrec_fresh_news_evicted_total``: a counter owned by the service."""
+
+    def __init__(self, service: Recommender) -> None:
+        self._service = service
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily("newsrec_fresh_news_evicted",
+                                  "Fresh news evicted to stay within serve.max_fresh_news",
+                                  value=self._service.evicted)
+
+
 # ---------------------------------------------------------------------------- body size limit
 class BodyLimitMiddleware:
     """413 for bodies over ``max_bytes`` — by Content-Length up front, or while streaming when the
@@ -201,9 +305,11 @@ class RequestCounter:
     """Counts every request by route, status and latency into ``metrics`` (plain ASGI: no task
     group or body streams per request). Paths that match no route count as "unmatched"."""
 
-    def __init__(self, app: Any, *, metrics: "ServiceMetrics", known_paths: set[str]) -> None:
+    def __init__(self, app: Any, *, metrics: "ServiceMetrics", prometheus: PrometheusMetrics,
+                 known_paths: set[str]) -> None:
         self.app = app
         self.metrics = metrics
+        self.prometheus = prometheus
         self.known_paths = known_paths
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -225,7 +331,9 @@ class RequestCounter:
             route = scope.get("route")  # set by the router once a route matched
             path = getattr(route, "path", None) or (
                 scope["path"] if scope["path"] in self.known_paths else "unmatched")
-            self.metrics.record(f"{scope['method']} {path}", status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.record(f"{scope['method']} {path}", status, seconds)
+            self.prometheus.record(scope["method"], path, status, seconds)
 
 
 async def _send_json(send: Any, status: int, detail: str) -> None:
@@ -265,6 +373,9 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
     RecommendRequest, NewsRequest = _request_models(cfg)
     page = page_html()
     metrics = ServiceMetrics(cfg.latency_window)
+    prometheus = PrometheusMetrics(service)
+    service.on_batch = prometheus.batch_size.observe
+    writes = [Depends(_write_guard(admin_token(cfg)))]
     known_paths: set[str] = set()  # filled once the routes exist; unknown paths count as "unmatched"
 
     @contextlib.asynccontextmanager
@@ -284,7 +395,7 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
     # inner to the counters below, so refused bodies (413) are counted too
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
 
-    app.add_middleware(RequestCounter, metrics=metrics, known_paths=known_paths)
+    app.add_middleware(RequestCounter, metrics=metrics, prometheus=prometheus, known_paths=known_paths)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -324,7 +435,8 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
         # built and checked once above; a Response is sent as is (not validated a second time)
         return Response(content=answer.model_dump_json(), media_type="application/json")
 
-    @app.post("/news", response_model=NewsResponse, status_code=201, responses={409: {}, 413: {}, 422: {}})
+    @app.post("/news", response_model=NewsResponse, status_code=201, dependencies=writes,
+              responses={401: {}, 403: {}, 409: {}, 413: {}, 422: {}})
     def add_news(body: NewsRequest) -> Any:  # type: ignore[valid-type]
         """Add a fresh news: tokenised with the dataset vocabulary, encoded, added to the index."""
         try:
@@ -335,7 +447,7 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
             return _error(422, exc)
         return NewsResponse(news_id=body.news_id.strip(), news_count=service.index.count)
 
-    @app.post("/index/save")
+    @app.post("/index/save", dependencies=writes, responses={401: {}, 403: {}, 409: {}})
     def save_index() -> dict[str, Any]:
         """Write the index with its fresh news back to INDEX_DIR (atomic)."""
         try:
@@ -360,8 +472,16 @@ def create_app(service: Recommender, serve_cfg: ServeConfig | None = None, *,
         return {"status": "ok", **service.stats(), "uptime_s": snap["uptime_s"],
                 "requests": snap["requests"], "errors_5xx": snap["errors_5xx"]}
 
-    @app.get("/metrics")
-    def get_metrics() -> dict[str, Any]:
+    @app.get("/metrics", response_class=Response)
+    def get_metrics() -> Response:
+        """Prometheus text exposition format."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(content=prometheus.text(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/metrics.json")
+    def get_metrics_json() -> dict[str, Any]:
+        """Counters and latency percentiles per endpoint, as JSON."""
         return metrics.snapshot()
 
     known_paths.update(getattr(route, "path", "") for route in app.routes)

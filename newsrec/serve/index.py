@@ -49,6 +49,7 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.npy"
 VECTORS_FILE = "vectors.npy"
 FRESH_FILE = "fresh_news.json"
+COMPACT_AFTER = 256  # removed rows that trigger a compaction (searches skip removed rows until then)
 MANIFEST_FILE = "manifest.json"
 KINDS = ("flat", "hnsw", "ivf", "ivfsq", "ivfpq")
 APPROXIMATE_KINDS = ("hnsw", "ivf", "ivfsq", "ivfpq")
@@ -259,6 +260,7 @@ class NewsIndex:
     def __post_init__(self) -> None:
         self._lock = _ReadWriteLock()
         self._row_of_key = {int(k): i for i, k in enumerate(self.keys.tolist())}
+        self._dead_rows: set[int] = set()  # removed rows, still in faiss until the next compaction
         self._overflow_rows = np.zeros(0, dtype=np.int64)
         if self.approximate:
             norms = _norms(self.vectors)
@@ -274,7 +276,8 @@ class NewsIndex:
 
     @property
     def count(self) -> int:
-        return int(self.keys.shape[0])
+        """Searchable news (rows removed but not yet compacted away are not counted)."""
+        return int(self.keys.shape[0]) - len(self._dead_rows)
 
     @property
     def approximate(self) -> bool:
@@ -293,8 +296,9 @@ class NewsIndex:
 
     @property
     def next_key(self) -> int:
-        """The key the next fresh news will get."""
-        return max(self.base_news, int(self.keys.max()) if self.count else 0) + 1
+        """The key the next fresh news will get (keys of removed news are never reused)."""
+        return max(self.base_news, int(self.keys.max()) if len(self.keys) else 0,
+                   int(self.params.get("last_key", 0))) + 1
 
     def __contains__(self, key: int) -> bool:
         return int(key) in self._row_of_key
@@ -330,8 +334,9 @@ class NewsIndex:
         n_queries = queries.shape[0]
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
         with self._lock.read():
-            count = self.count
-            fetch = min(k + extra, count)
+            count = len(self.keys)
+            dead = np.fromiter(self._dead_rows, dtype=np.int64, count=len(self._dead_rows))
+            fetch = min(k + extra + len(dead), count)
             if fetch == 0:
                 rows = np.full((n_queries, 0), -1, dtype=np.int64)
             else:
@@ -346,6 +351,8 @@ class NewsIndex:
             found = rows[b][rows[b] >= 0]
             if len(overflow):  # news longer than M: always scored exactly
                 found = np.union1d(found, overflow)
+            if len(dead):
+                found = found[~np.isin(found, dead)]
             found_keys = keys_all[found]
             if exclude and exclude[b]:
                 keep = ~np.isin(found_keys, np.fromiter(exclude[b], dtype=np.int64))
@@ -392,7 +399,7 @@ class NewsIndex:
             taken = [int(k) for k in keys if int(k) in self._row_of_key]
             if taken or len(set(keys.tolist())) != len(keys):
                 raise NewsrecError(f"news key(s) already in the index: {taken[:5] or 'duplicates'}")
-            start = self.count
+            start = len(self.keys)
             if self.approximate:
                 extended, over = extend_for_l2(vectors, max_norm=self.params["max_norm"],
                                                width=self.params["width"])
@@ -407,12 +414,48 @@ class NewsIndex:
                 self._row_of_key[k] = start + i
             if fresh is not None:
                 self.fresh.extend({**meta, "key": int(k)} for meta, k in zip(fresh, keys.tolist()))
+            if len(keys):
+                self.params["last_key"] = max(int(self.params.get("last_key", 0)), int(keys.max()))
+
+    def remove(self, keys: np.ndarray) -> None:
+        """Take news out of search (evicted fresh news). Rows are dropped from faiss, the id map and
+        the stored vectors in one compaction once ``COMPACT_AFTER`` are removed (and before a
+        save); until then searches skip them. Unknown keys raise KeyError."""
+        keys = np.asarray(keys, dtype=np.int64)
+        with self._lock.write():
+            rows = [self._row_of_key[int(k)] for k in keys]  # KeyError before any change
+            for k, row in zip(keys.tolist(), rows):
+                del self._row_of_key[k]
+                self._dead_rows.add(row)
+            gone = set(keys.tolist())
+            self.fresh = [m for m in self.fresh if int(m["key"]) not in gone]
+            if len(self._dead_rows) >= COMPACT_AFTER:
+                self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the faiss rows, ids and vectors without the removed rows (write lock held). The
+        faiss index is reset and refilled, so trained quantisers (IVF, SQ, PQ) are kept."""
+        if not self._dead_rows:
+            return
+        live = np.ones(len(self.keys), dtype=bool)
+        live[np.fromiter(self._dead_rows, dtype=np.int64)] = False
+        self.keys = self.keys[live].copy()
+        self.vectors = np.ascontiguousarray(self.vectors[live])
+        self.__dict__.pop("_buffers", None)
+        self.faiss_index.reset()
+        _add_in_chunks(self.faiss_index, self.vectors, show_progress=False, kind=self.kind, params=self.params)
+        self._row_of_key = {int(k): i for i, k in enumerate(self.keys.tolist())}
+        self._dead_rows = set()
+        if self.approximate:
+            norms = _norms(self.vectors)
+            self._overflow_rows = np.flatnonzero(norms > self.params["max_norm"] * (1 + 1e-6)).astype(np.int64)
 
     # ---- persistence
     def save(self, out_dir: str | Path) -> Path:
         """Write INDEX_DIR atomically (a reader sees the old folder or the new one, never half)."""
         out_dir = Path(out_dir)
         with self._lock.write():
+            self._compact()
             cpu_index = faiss.index_gpu_to_cpu(self.faiss_index) if self.on_gpu else self.faiss_index
             manifest = {
                 **self.manifest,

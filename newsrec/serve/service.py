@@ -139,9 +139,12 @@ class Recommender:
         self._dirty = False
         self._fresh_key_of: dict[str, int] = {}
         self._fresh_meta: dict[int, dict] = {}
+        self.evicted = 0  # fresh news dropped to stay within serve.max_fresh_news
         for meta in index.fresh:
             self._fresh_key_of[meta["news_id"]] = int(meta["key"])
             self._fresh_meta[int(meta["key"])] = meta
+        self.on_batch: Any = None  # called with the size of every batched model call (metrics)
+        self._evict_over_cap()
         if reranker is not None and index.fresh:
             self._register_fresh_with_reranker(index.fresh)
         self._latest_row: dict[str, tuple[str, int]] | None = None
@@ -344,6 +347,8 @@ class Recommender:
 
     def _run_jobs(self, jobs: list["_Job"]) -> list["_Found"]:
         """Encode, retrieve and re-rank for several requests at once (one call per model)."""
+        if self.on_batch is not None:
+            self.on_batch(len(jobs))
         t0 = time.perf_counter()
         users = self.encode_histories([job.history for job in jobs])
         t1 = time.perf_counter()
@@ -406,6 +411,7 @@ class Recommender:
             self._fresh_meta[key] = {**meta, "key": key}
             self._fresh_key_of[news_id] = key
             self._dirty = True
+            self._evict_over_cap()
         return key
 
     def news_features(self) -> NewsFeatures:
@@ -416,6 +422,21 @@ class Recommender:
                 self._features = news_features(self.dataset, self.config,
                                                plm_fingerprint=getattr(self.model, "plm_fingerprint", None))
             return self._features
+
+    def _evict_over_cap(self) -> list[str]:
+        """Drop the oldest fresh news (smallest keys) beyond ``serve.max_fresh_news`` from the
+        index and the id tables; returns their ids. The caller holds ``_lock`` (or is __init__)."""
+        excess = len(self._fresh_meta) - self.serve_cfg.max_fresh_news
+        if excess <= 0:
+            return []
+        oldest = sorted(self._fresh_meta)[:excess]
+        self.index.remove(np.array(oldest, dtype=np.int64))
+        evicted = [str(self._fresh_meta.pop(key)["news_id"]) for key in oldest]
+        for news_id in evicted:
+            del self._fresh_key_of[news_id]
+        self._dirty = True
+        self.evicted += len(evicted)
+        return evicted
 
     @property
     def dirty(self) -> bool:
@@ -433,7 +454,8 @@ class Recommender:
         return target
 
     def stats(self) -> dict[str, Any]:
-        return {"news": self.index.count, "fresh_news": len(self._fresh_meta), "index_kind": self.index.kind,
+        return {"news": self.index.count, "fresh_news": len(self._fresh_meta),
+                "fresh_news_evicted": self.evicted, "index_kind": self.index.kind,
                 "dim": self.index.dim, "reranker": self.reranker is not None,
                 "retrieve_k": self.serve_cfg.retrieve_k,
                 "batch_max": self._batcher.max_batch if self._batcher is not None else 1,

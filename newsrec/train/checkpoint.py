@@ -127,7 +127,3 @@ def load_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
 def load_best(ckpt_dir: str | Path) -> dict[str, Any] | None:
     path = Path(ckpt_dir) / BEST
     return _load(path) if path.is_file() else None
-
-
-def has_checkpoint(ckpt_dir: str | Path) -> bool:
-    return (Path(ckpt_dir) / LAST).is_file()

@@ -49,6 +49,39 @@ def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_amx(cpuinfo: str | None = None) -> bool:
+    """True when this CPU has AMX tiles for bf16 (Sapphire Rapids and later): torch reports the
+    AVX512 + AMX capability, or /proc/cpuinfo lists the amx_bf16 flag."""
+    if cpuinfo is None:
+        try:
+            if "AMX" in torch.backends.cpu.get_cpu_capability().upper():
+                return True
+        except AttributeError:
+            pass
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return False
+    return "amx_bf16" in cpuinfo.split()
+
+
+def bf16_pays(device: torch.device, *, amx: bool | None = None) -> tuple[bool, str]:
+    """Whether bf16 autocast speeds training up on ``device``, and if not, why (one line). It pays
+    on a GPU with bf16 support and on a CPU with AMX; elsewhere bf16 matrix products are emulated,
+    about 10x slower than fp32."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return True, ""
+        return False, "train.bf16 off: this GPU has no bf16 support; training in fp32"
+    if device.type == "cpu":
+        if cpu_has_amx() if amx is None else amx:
+            return True, ""
+        return False, ("train.bf16 off: this CPU has no AMX (bf16 would run ~10x slower than fp32); "
+                       "training in fp32")
+    return False, f"train.bf16 off: bf16 is not used on device '{device.type}'; training in fp32"
+
+
 def setup(device_name: str) -> DistContext:
     """Join the process group torchrun describes in the environment (if any) and pick the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

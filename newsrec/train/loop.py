@@ -3,10 +3,15 @@
 NRMS objective: every click of a training impression, with ``train.npratio`` non-clicks of the same
 impression drawn afresh each epoch, softmax cross-entropy over the 1 + npratio scores (padding
 candidates masked to −inf). AdamW with linear warmup then linear decay, gradient clipping.
-Each step encodes every distinct news of the batch once (``batching``). After every epoch the dev
-split is scored with the fast path (each dev news encoded once) and the official metrics; training
-stops early when dev AUC has not improved for ``train.early_stopping_patience`` epochs, and the best
-epoch's weights are what ends up in MODEL_DIR.
+Each step encodes every distinct news of the batch once (``batching``).
+
+Model selection never sees the split it reports. The fit log is the union of ``train.fit_splits``
+(labelled splits, ordered by time); its latest ``train.holdout_fraction`` (by time) is held out of
+the training batches (``split_fit_log``). After every epoch the held-out slice is scored with the
+fast path and the official metrics; training stops early when held-out AUC has not improved for
+``train.early_stopping_patience`` epochs, and the best held-out epoch's weights are what ends up in
+MODEL_DIR. Labelled splits not fitted on (dev) are scored each epoch too, but only reported.
+With ``train.holdout_fraction=0`` there is no selection: no early stopping, the last epoch is kept.
 
 MODEL_DIR/checkpoints/ holds ``last.pt`` (written every epoch and every
 ``train.checkpoint_every_steps`` steps) and ``best.pt``; ``resume=True`` continues from ``last.pt``
@@ -15,6 +20,7 @@ exactly (same remaining batches, same RNG, same optimizer and schedule).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import random
@@ -28,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from newsrec.config import Config
-from newsrec.data.artifact import DatasetArtifact, Impressions, open_dataset
+from newsrec.config import Config, apply_dataset
+from newsrec.data.artifact import DatasetArtifact, Impressions, concat_impressions, open_dataset
 from newsrec.data.features import news_features
 from newsrec.data.schema import MANIFEST
 from newsrec.errors import ArtifactError, ConfigError
@@ -38,11 +44,15 @@ from newsrec.train import checkpoint, distributed, tracking
 from newsrec.train.batching import Batch, BatchBuilder
 from newsrec.utils.progress import progress
 
+log = logging.getLogger("newsrec.train")
+
 CHECKPOINT_DIR = "checkpoints"
 # Settings a resumed run must share with the run that wrote the checkpoint (others, such as
 # train.epochs or the logging cadence, may change on resume).
 _RESUME_INVARIANT = ("data", "model", "train.batch_size", "train.npratio", "train.seed", "train.lr",
-                     "train.weight_decay", "train.warmup_steps", "train.bf16", "train.bucket_size")
+                     "train.weight_decay", "train.warmup_steps", "train.bf16", "train.bucket_size",
+                     "train.fit_splits", "train.holdout_fraction")
+NO_SELECTION = "train.holdout_fraction=0: no model selection (no early stopping); the last epoch is kept"
 
 
 @dataclass
@@ -50,15 +60,86 @@ class FitResult:
     """What ``fit`` did. ``finished`` is False when it stopped at ``stop_after_steps`` (resume it)."""
 
     model_dir: Path
-    metrics: dict[str, Any]  # dev metrics of the best epoch ({} without a labelled dev split)
-    best_epoch: int  # 0-based; -1 without dev
+    metrics: dict[str, Any]  # reported (dev) metrics of the kept epoch ({} without a split to report)
+    best_epoch: int  # 0-based epoch whose weights were kept (-1 when no epoch was evaluated)
     epochs_trained: int
     global_step: int
     run_id: str | None
     stopped_early: bool
     finished: bool
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # per epoch: holdout and reported metrics
     train_samples_per_second: float = 0.0
+    holdout_metrics: dict[str, Any] = field(default_factory=dict)  # of the kept epoch ({} without selection)
+    holdout: dict[str, Any] = field(default_factory=dict)  # the held-out slice's definition (split_fit_log)
+    reported_splits: list[str] = field(default_factory=list)  # labelled splits scored but not fitted on
+    fit_splits: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FitLog:
+    """The fit log split in two: ``train`` feeds the batches, ``holdout`` (its latest part by time)
+    picks the epoch. ``definition`` says how (JSON-able; recorded in model.json)."""
+
+    train: Impressions
+    holdout: Impressions | None
+    definition: dict[str, Any]
+
+
+def split_fit_log(dataset: DatasetArtifact, config: Config) -> FitLog:
+    """The union of ``train.fit_splits`` and its held-out slice: the latest
+    ``ceil(train.holdout_fraction * n)`` impressions by time, ties in time broken by position in the
+    union (splits in the order given, then file order). A pure function of the data and the config,
+    so every torchrun rank computes the same slice. Training rows keep their union order."""
+    tc = config.train
+    names = tc.fit_split_names
+    parts = []
+    for name in names:
+        if name not in dataset.splits:
+            raise ArtifactError(f"{dataset.root}: train.fit_splits names '{name}', which this dataset "
+                                f"does not have (has: {', '.join(dataset.splits) or 'none'})")
+        part = dataset.impressions(name)
+        if not part.has_labels:
+            raise ConfigError(f"train.fit_splits={tc.fit_splits!r}: split '{name}' has no labels; fit "
+                              f"only on labelled splits (e.g. train,dev)")
+        parts.append(part)
+    log = parts[0] if len(parts) == 1 else concat_impressions(parts)
+    n = len(log)
+    definition: dict[str, Any] = {"fit_splits": names, "fraction": tc.holdout_fraction,
+                                  "fit_impressions": n}
+    if tc.holdout_fraction == 0:
+        definition.update(train_impressions=n, holdout_impressions=0, selection="none")
+        return FitLog(train=log, holdout=None, definition=definition)
+    n_holdout = math.ceil(tc.holdout_fraction * n)
+    if n_holdout >= n:
+        raise ConfigError(f"train.holdout_fraction={tc.holdout_fraction} holds out all {n} impressions "
+                          f"of train.fit_splits={tc.fit_splits!r}; lower it or fit on more data")
+    order = np.argsort(log.time, kind="stable")  # by time; ties keep their union position
+    holdout_rows = order[n - n_holdout:]
+    train_rows = np.sort(order[:n - n_holdout])
+    holdout = log.select(holdout_rows)
+    measurable = _auc_measurable(holdout)
+    if measurable == 0:
+        raise ConfigError(f"train.holdout_fraction={tc.holdout_fraction} holds out {n_holdout} impressions "
+                          f"of train.fit_splits={tc.fit_splits!r}, none with both a click and a non-click, "
+                          f"so AUC cannot be measured; raise train.holdout_fraction (or set 0: no selection)")
+    definition.update(
+        selection="holdout", train_impressions=n - n_holdout, holdout_impressions=n_holdout,
+        holdout_auc_impressions=measurable,
+        holdout_time_from=_iso(holdout.time[0]), holdout_time_to=_iso(holdout.time[-1]),
+        train_time_to=_iso(log.time[order[n - n_holdout - 1]]))
+    return FitLog(train=log.select(train_rows), holdout=holdout, definition=definition)
+
+
+def _auc_measurable(impressions: Impressions) -> int:
+    """Impressions with at least one click and one non-click (those AUC is defined on)."""
+    cumulative = np.concatenate(([0], np.cumsum(impressions.labels > 0, dtype=np.int64)))
+    offsets = impressions.candidate_offsets
+    clicks = cumulative[offsets[1:]] - cumulative[offsets[:-1]]
+    return int(np.sum((clicks > 0) & (clicks < np.diff(offsets))))
+
+
+def _iso(value: np.datetime64) -> str:
+    return str(np.datetime_as_string(np.datetime64(value, "s")))
 
 
 class NRMSObjective(nn.Module):
@@ -110,16 +191,22 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _dev_impressions(dataset: DatasetArtifact, config: Config) -> Impressions | None:
-    if "dev" not in dataset.splits:
-        return None
-    dev = dataset.impressions("dev")
-    if not dev.has_labels:
-        return None
-    limit = config.train.dev_max_impressions
-    if limit and limit < len(dev):
-        dev = dev.select(np.arange(limit))
-    return dev
+def _reported_impressions(dataset: DatasetArtifact, config: Config) -> dict[str, Impressions]:
+    """Labelled splits other than train that are not fitted on (dev; a labelled test): scored each
+    epoch for the report only, each capped at ``train.dev_max_impressions``."""
+    fitted = set(config.train.fit_split_names)
+    reported = {}
+    for name in dataset.splits:
+        if name == "train" or name in fitted:
+            continue
+        impressions = dataset.impressions(name)
+        if not impressions.has_labels:
+            continue
+        limit = config.train.dev_max_impressions
+        if limit and limit < len(impressions):
+            impressions = impressions.select(np.arange(limit))
+        reported[name] = impressions
+    return reported
 
 
 def evaluate_split(model: nn.Module, dataset: DatasetArtifact, impressions: Impressions, *,
@@ -161,7 +248,8 @@ def training_threads(train_cfg: Any) -> int:
 
 def fit(config: Config, *, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
         stop_after_steps: int | None = None) -> FitResult:
-    """Train on ``data_dir``'s train split, select on its dev split, write MODEL_DIR ``out_dir``.
+    """Train on the earlier part of ``train.fit_splits`` of ``data_dir``, select the epoch on its
+    held-out latest part, report dev; write MODEL_DIR ``out_dir``.
 
     ``stop_after_steps``: leave after this many optimizer steps (counted from the start of the run,
     across resumes) with a checkpoint to resume from — for time-boxed or preemptible jobs.
@@ -183,18 +271,28 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
     tc = config.train
     _seed_everything(tc.seed)
     dataset = open_dataset(data_dir)
+    config = apply_dataset(config, dataset.manifest, artifact=str(data_dir))  # what the dataset fixes
+    if tc.bf16:
+        pays, why = distributed.bf16_pays(ctx.device)
+        if not pays:  # the saved config records what was used
+            if ctx.is_main:
+                log.warning(why)
+            config = dataclasses.replace(config, train=dataclasses.replace(tc, bf16=False))
+            tc = config.train
     if "train" not in dataset.splits:
         raise ArtifactError(f"{data_dir}: no train split to learn from; ingest one with --train")
+    fit_log = split_fit_log(dataset, config)  # the same on every rank: a pure function of data and config
     if ctx.is_main:  # PLM states are computed once, by rank 0, before the other ranks read them
         features = news_features(dataset, config)
     distributed.barrier(ctx)
     if not ctx.is_main:
         features = news_features(dataset, config, show_progress=False)
-    builder = BatchBuilder(dataset.impressions("train"), features=features, batch_size=tc.batch_size,
+    builder = BatchBuilder(fit_log.train, features=features, batch_size=tc.batch_size,
                            npratio=tc.npratio, history_len=config.data.history_len, seed=tc.seed,
                            bucket_size=tc.bucket_size if tc.bf16 else None, rank=ctx.rank,
                            world_size=ctx.world_size)
-    dev = _dev_impressions(dataset, config) if ctx.is_main else None
+    holdout = fit_log.holdout if ctx.is_main else None
+    reported = _reported_impressions(dataset, config) if ctx.is_main else {}
     batches_per_epoch = builder.batches_per_epoch
     total_steps = batches_per_epoch * tc.epochs
     if tc.max_steps:
@@ -243,6 +341,7 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
             tracking.log_params(config.flat())
             tracking.log_params({"data.dir": str(data_dir.resolve()), "train.samples": builder.n_samples,
                                  "train.batches_per_epoch": batches_per_epoch,
+                                 **{f"holdout.{k}": v for k, v in fit_log.definition.items()},
                                  "model.n_params": sum(p.numel() for p in model.parameters())})
             tracking.set_tags(tracking.system_info(device=str(ctx.device), world_size=ctx.world_size))
             tracking.log_text(config_yaml, "config.yaml")
@@ -286,7 +385,8 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
             epoch_done = state.batch_in_epoch >= batches_per_epoch
             reached_max = bool(tc.max_steps) and state.global_step >= tc.max_steps
             if epoch_done or reached_max:
-                best_weights = _end_of_epoch(model, dataset, dev, config, ctx, state, best_weights, ckpt_dir)
+                best_weights = _end_of_epoch(model, dataset, holdout, reported, config, ctx, state,
+                                             best_weights, ckpt_dir)
                 state.stopped_early = bool(distributed.broadcast(state.stopped_early, ctx))
                 if epoch_done:
                     state.epoch += 1
@@ -297,22 +397,53 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
         distributed.barrier(ctx)
 
         finished = not interrupted
+        kept = _kept_record(state, selection=fit_log.holdout is not None)
+        reported_names = sorted(reported) if ctx.is_main else []
         if finished and ctx.is_main:
             if best_weights is not None:
                 model.load_state_dict(best_weights)
-            extra = {"metrics": _plain(state.best_metrics), "best_epoch": state.best_epoch,
+            extra = {"metrics": kept.get("dev", {}), "holdout_metrics": kept.get("holdout", {}),
+                     "reported_metrics": {name: kept.get(name, {}) for name in reported_names},
+                     "best_epoch": kept.get("epoch", -1),
+                     "selection": ("best held-out AUC" if fit_log.holdout is not None else NO_SELECTION),
+                     "holdout": fit_log.definition, "fit_splits": config.train.fit_split_names,
+                     "reported_splits": reported_names,
+                     "not_reported": fitted_not_reported(config),
                      "epochs_trained": state.epoch, "global_step": state.global_step,
-                     "stopped_early": state.stopped_early, "dev_history": _plain(state.history),
+                     "stopped_early": state.stopped_early, "history": _plain(state.history),
                      "mlflow_run_id": state.run_id}
             save_model(out_dir, model, config, dataset=dataset, extra=extra)
-            tracking.log_metrics({f"best_dev_{k}": v for k, v in state.best_metrics.items()})
+            for name in ("holdout", *reported_names):
+                tracking.log_metrics({f"best_{name}_{k}": v for k, v in kept.get(name, {}).items()})
             tracking.log_model(out_dir, dataset=dataset, register_name=config.tracking.register_name)
         distributed.barrier(ctx)
 
-    return FitResult(model_dir=out_dir, metrics=dict(state.best_metrics), best_epoch=state.best_epoch,
+    return FitResult(model_dir=out_dir, metrics=dict(kept.get("dev", {})), best_epoch=kept.get("epoch", -1),
                      epochs_trained=state.epoch, global_step=state.global_step, run_id=state.run_id or None,
                      stopped_early=state.stopped_early, finished=finished, history=list(state.history),
-                     train_samples_per_second=train_samples / train_seconds if train_seconds else 0.0)
+                     train_samples_per_second=train_samples / train_seconds if train_seconds else 0.0,
+                     holdout_metrics=dict(kept.get("holdout", {})), holdout=dict(fit_log.definition),
+                     reported_splits=reported_names, fit_splits=config.train.fit_split_names)
+
+
+def fitted_not_reported(config: Config) -> str:
+    """One line naming the labelled splits besides train that are fitted on and so never reported
+    ("" when only train is fitted on)."""
+    others = [n for n in config.train.fit_split_names if n != "train"]
+    if not others:
+        return ""
+    return (f"{', '.join(others)} fitted on (train.fit_splits={config.train.fit_splits}), so not "
+            f"reported; the held-out slice is the latest part of their union")
+
+
+def _kept_record(state: checkpoint.TrainState, *, selection: bool) -> dict[str, Any]:
+    """The history record of the epoch whose weights are kept: the best held-out epoch, or (without
+    selection) the last one evaluated; {} when no epoch was evaluated."""
+    if not state.history:
+        return {}
+    if not selection:
+        return state.history[-1]
+    return next((r for r in state.history if r["epoch"] == state.best_epoch), {})
 
 
 def _train_step(objective: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -336,16 +467,25 @@ def _train_step(objective: nn.Module, model: nn.Module, optimizer: torch.optim.O
     return float(loss_sum.detach())
 
 
-def _end_of_epoch(model: nn.Module, dataset: DatasetArtifact, dev: Impressions | None, config: Config,
-                  ctx: distributed.DistContext, state: checkpoint.TrainState,
-                  best_weights: dict[str, Tensor] | None, ckpt_dir: Path) -> dict[str, Tensor] | None:
-    """Dev evaluation, best-weights bookkeeping and the early-stopping decision (rank 0)."""
-    if not ctx.is_main or dev is None:
+def _end_of_epoch(model: nn.Module, dataset: DatasetArtifact, holdout: Impressions | None,
+                  reported: dict[str, Impressions], config: Config, ctx: distributed.DistContext,
+                  state: checkpoint.TrainState, best_weights: dict[str, Tensor] | None,
+                  ckpt_dir: Path) -> dict[str, Tensor] | None:
+    """Held-out evaluation, best-weights bookkeeping and the early-stopping decision (rank 0); the
+    reported splits (dev) are scored and logged only — they never choose."""
+    if not ctx.is_main:
         return best_weights
-    metrics = evaluate_split(model, dataset, dev, config=config, device=ctx.device)
-    record = {"epoch": state.epoch, "step": state.global_step, **_plain(metrics)}
-    state.history.append(record)
-    tracking.log_metrics({f"dev_{k}": v for k, v in metrics.items()}, step=state.global_step)
+    record: dict[str, Any] = {"epoch": state.epoch, "step": state.global_step}
+    named = ({"holdout": holdout} if holdout is not None else {}) | reported
+    for name, impressions in named.items():
+        metrics = _plain(evaluate_split(model, dataset, impressions, config=config, device=ctx.device))
+        record[name] = metrics
+        tracking.log_metrics({f"{name}_{k}": v for k, v in metrics.items()}, step=state.global_step)
+    if named:
+        state.history.append(record)
+    if holdout is None:
+        return best_weights
+    metrics = record["holdout"]
     auc = float(metrics["auc"])
     if math.isfinite(auc) and auc > state.best_auc:
         state.best_auc, state.best_epoch, state.best_metrics = auc, state.epoch, _plain(metrics)

@@ -106,6 +106,9 @@ def start_run(tracking_cfg: TrackingConfig, *, run_name: str, nested: bool = Fal
                         tracking_uri=mlflow.get_tracking_uri())
 
 
+SECRET_PARAMS = ("serve.admin_token",)  # logged as "***" when set
+
+
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
     return text[:6000]
@@ -114,7 +117,8 @@ def _param_value(value: Any) -> str:
 def log_params(params: dict[str, Any]) -> None:
     mlflow = _active_mlflow()
     if mlflow is not None and params:
-        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        mlflow.log_params({k: "***" if k in SECRET_PARAMS and v else _param_value(v)
+                           for k, v in params.items()})
 
 
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
@@ -228,7 +232,7 @@ def _write_news_table(model_dir: Path, dataset: Any, dest: Path) -> None:
 
 def log_model(model_dir: str | Path, *, dataset: Any, register_name: str = "") -> str | None:
     """Log MODEL_DIR (+ the dataset's news table) as a pyfunc model of the active run, with a
-    signature; register it under ``register_name`` when given. Returns the model URI."""
+    signature and an input example (one history and three candidates of the dataset); register it under ``register_name`` when given. Returns the model URI."""
     mlflow = _active_mlflow()
     if mlflow is None:
         return None
@@ -249,6 +253,7 @@ def log_model(model_dir: str | Path, *, dataset: Any, register_name: str = "") -
             loader_module="newsrec.train.tracking",
             data_path=str(data),
             signature=signature,
+            input_example=example,  # shown by the MLflow UI and used by `mlflow models serve` checks
             pip_requirements=_pip_requirements(),  # given, so mlflow does not probe the environment
             registered_model_name=register_name or None,
         )
