@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,serve]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,serve,plm]"
 	touch $@
 
 demo: setup

@@ -30,6 +30,8 @@ setup(
     extras_require={
         "gpu": ["faiss-gpu-cu12>=1.8"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "prometheus-client>=0.20"],
+        # model.text_encoder=plm: a pretrained language model's token states (newsrec.data.plm)
+        "plm": ["transformers>=4.40"],
         # selenium drives the system's chromium + chromedriver in tests/test_web_page.py
         "dev": ["pytest>=8", "hypothesis>=6.100", "httpx>=0.27", "matplotlib>=3.8", "selenium>=4.20"],
     },

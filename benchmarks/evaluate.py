@@ -47,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dataset = ensure_artifact(args.data)
     config = Config()
-    from newsrec.models.io import build_model
+    from newsrec.inference.model_io import build_model
 
     torch.manual_seed(0)
     model = build_model(config, dataset).eval()

@@ -37,7 +37,7 @@ def build_service_dirs(root: Path) -> tuple[Path, Path, Path]:
     from newsrec.data.artifact import open_dataset
     from newsrec.data.ingest import ingest
     from newsrec.data.synth import generate
-    from newsrec.models.io import build_model, save_model
+    from newsrec.inference.model_io import build_model, save_model
 
     generate(root / "raw", size="tiny", seed=0)
     cfg = config_from_dict({"tracking": {"enabled": False}, "rerank": {"epochs": 1}})
@@ -54,7 +54,7 @@ def padded_service(model_dir: Path, data_dir: Path, reranker_dir: Path | None, *
     from newsrec.config import IndexConfig
     from newsrec.data.artifact import open_dataset
     from newsrec.eval.evaluate import encode_all_news
-    from newsrec.models.io import load_model
+    from newsrec.inference.model_io import load_model
     from newsrec.inference.rerank import load_reranker
     from newsrec.serve.index import build_index
     from newsrec.serve.service import Recommender
@@ -192,7 +192,7 @@ def main() -> None:
         model_dir, data_dir = Path(args.model), Path(args.data) if args.data else None
         reranker_dir = Path(args.reranker) if args.reranker else None
         if data_dir is None:
-            from newsrec.models.io import load_model
+            from newsrec.inference.model_io import load_model
             data_dir = Path(load_model(model_dir).manifest["dataset"]["path"])
     else:
         data_dir, model_dir, reranker_dir = build_service_dirs(tmp)

@@ -33,7 +33,7 @@ from common import format_table, save_figure, use_agg_backend, write_results  # 
 from newsrec.config import load_config  # noqa: E402
 from newsrec.data.artifact import open_dataset  # noqa: E402
 from newsrec.data.popularity import unseen_in_train  # noqa: E402
-from newsrec.models.io import load_model  # noqa: E402
+from newsrec.inference.model_io import load_model  # noqa: E402
 from newsrec.inference.features import EventLog  # noqa: E402
 from newsrec.inference.rerank import load_reranker  # noqa: E402
 from newsrec.train.rerank import (compare_on_impressions, encode_users, evaluate_retrieved,  # noqa: E402

@@ -98,8 +98,8 @@ def build_batches(impressions: Impressions, tokens: np.ndarray, *, history_len: 
 def dedup_step(objective: NRMSObjective, optimizer: torch.optim.Optimizer, batch: Batch, *, bf16: bool) -> None:
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = objective(batch.title_tokens, batch.category, batch.subcategory, batch.history_slots,
-                         batch.history_mask, batch.candidate_slots, batch.candidate_mask)
+        loss = objective(batch.news, batch.history_slots, batch.history_mask, batch.candidate_slots,
+                         batch.candidate_mask)
     (loss / batch.size).backward()
     torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
     optimizer.step()

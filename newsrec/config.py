@@ -56,11 +56,37 @@ class ModelConfig:
     dropout: float = 0.2
     freeze_embeddings: bool = False
     init_std: float = 0.02
+    # what the news encoder reads (newsrec.data.features gathers it; docs/decisions.md: measurements)
+    text_encoder: str = "words"  # "words": title word embeddings | "plm": a pretrained language model
+    word_dropout: float = 0.0  # words: share of title words replaced by <unk> while training
+    plm_name: str = ""  # plm: a Hugging Face model folder or hub id (AutoModel + AutoTokenizer)
+    plm_max_len: int = 32  # plm: tokens kept per title
+    plm_finetune_layers: int = 0  # plm: top layers trained with the model (0 = frozen, states cached)
+    plm_batch_size: int = 64  # plm: titles per backbone call when computing the cached states
+    use_entities: bool = False  # title entities as a view (entity_vectors.npy if ingested, else learned)
+    max_entities: int = 5  # entities read per title
+    entity_dim: int = 100  # width of learned entity embeddings (ingested vectors keep theirs)
+    news_views: str = "sum"  # combine title/category/entity vectors: "sum" | "attention" (NAML)
 
     def __post_init__(self) -> None:
         _choice(self, "encoder", ("fastformer", "mhsa"))
-        _positive(self, "embedding_dim", "hidden_size", "num_heads", "num_layers", "pooling_hidden")
-        _non_negative(self, "user_num_layers")
+        _choice(self, "text_encoder", ("words", "plm"))
+        _choice(self, "news_views", ("sum", "attention"))
+        _positive(self, "embedding_dim", "hidden_size", "num_heads", "num_layers", "pooling_hidden",
+                  "plm_max_len", "plm_batch_size", "max_entities", "entity_dim")
+        _non_negative(self, "user_num_layers", "plm_finetune_layers")
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise ConfigError(f"model.word_dropout={self.word_dropout} must be in [0, 1)")
+        if self.text_encoder == "plm":
+            if not self.plm_name:
+                raise ConfigError("model.text_encoder=plm needs model.plm_name (a Hugging Face model "
+                                  "folder or hub id), e.g. -o model.plm_name=PATH")
+            if self.word_dropout or self.freeze_embeddings:
+                raise ConfigError("model.word_dropout and model.freeze_embeddings apply to "
+                                  "model.text_encoder=words only; unset them with text_encoder=plm")
+        elif self.plm_name or self.plm_finetune_layers:
+            raise ConfigError("model.plm_name and model.plm_finetune_layers apply to "
+                              "model.text_encoder=plm only; set model.text_encoder=plm or unset them")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} must be divisible by "

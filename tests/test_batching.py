@@ -130,7 +130,7 @@ def test_dedup_reconstruction_equals_direct_gather(bucket):
         assert len(batch.unique_news) % bucket == 0
     else:
         assert len(batch.unique_news) == batch.n_unique
-    assert torch.equal(batch.title_tokens, torch.from_numpy(b.title_tokens[batch.unique_news.numpy()]).long())
+    assert torch.equal(batch.title_tokens, torch.from_numpy(b.features.title_tokens[batch.unique_news.numpy()]).long())
     assert torch.equal(batch.category, batch.unique_news % 5)
 
 

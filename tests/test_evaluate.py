@@ -16,6 +16,7 @@ from newsrec.data.artifact import DatasetArtifact
 from newsrec.eval.evaluate import (distinct_histories, encode_all_news, score_impressions,
                                    score_impressions_slow)
 from newsrec.eval.metrics import compute_metrics
+from newsrec.models.inputs import NewsInputs
 from newsrec.utils.io import write_json
 
 TITLE_LEN = 6
@@ -112,7 +113,8 @@ class BagOfWordsRecommender(nn.Module):
         self.empty = nn.Parameter(torch.randn(dim))
         self.dropout = nn.Dropout(0.5)  # must be off during evaluation
 
-    def encode_news(self, title_tokens, category=None, subcategory=None):
+    def encode_news(self, news):
+        title_tokens, category = news.title_tokens, news.category
         mask = (title_tokens != 0).float().unsqueeze(-1)
         vec = (self.words(title_tokens) * mask).sum(1) / mask.sum(1).clamp(min=1)
         if category is not None:
@@ -141,7 +143,7 @@ def tiny_config(**model):
 
 
 def _real_model(artifact, **model_options):
-    from newsrec.models.io import build_model
+    from newsrec.inference.model_io import build_model
     torch.manual_seed(0)
     return build_model(tiny_config(**model_options), artifact)
 
@@ -157,7 +159,8 @@ def test_encode_all_news_row0_zero_and_matches_direct_encoding(artifact):
     tokens = torch.from_numpy(artifact.title_tokens[[5, 17]].astype(np.int64))
     cat = torch.from_numpy(artifact.news_categories[0][[5, 17]])
     with torch.no_grad():
-        torch.testing.assert_close(vectors[[5, 17]], model.encode_news(tokens, cat))
+        news = NewsInputs(category=cat, subcategory=torch.zeros_like(cat), title_tokens=tokens)
+        torch.testing.assert_close(vectors[[5, 17]], model.encode_news(news))
 
 
 def test_distinct_histories_dedupe_and_keep_most_recent(artifact):
@@ -218,7 +221,7 @@ def test_metrics_of_fast_scores(artifact):
 # ---- the stages through the CLI, on the hand-made artifact and a tiny saved model
 @pytest.fixture(scope="module")
 def model_dir(artifact, tmp_path_factory):
-    from newsrec.models.io import save_model
+    from newsrec.inference.model_io import save_model
     out = tmp_path_factory.mktemp("models") / "m"
     save_model(out, _real_model(artifact), tiny_config(), dataset=artifact)
     return out
@@ -228,7 +231,7 @@ def test_evaluate_cli_writes_metrics_json_and_table(artifact, model_dir, tmp_pat
     from click.testing import CliRunner
 
     from newsrec.cli import main
-    from newsrec.models.io import load_model
+    from newsrec.inference.model_io import load_model
 
     out = tmp_path / "metrics.json"
     result = CliRunner().invoke(main, ["evaluate", "--model", str(model_dir), "--data", str(artifact.root),

@@ -347,6 +347,34 @@ def test_glove_vectors_aligned_to_vocabulary(tmp_path):
     assert glove_info["dim"] == 3
 
 
+def test_glove_vocabulary_covers_every_split_and_reports_coverage(tmp_path):
+    paths = standard_corpus(tmp_path / "raw")
+    # "zyzzyva" and "brand" appear in dev/test titles only; "unseen" too, but GloVe lacks it
+    glove = tmp_path / "glove.txt"
+    glove.write_text("zyzzyva 1 0\nbrand 0 1\nstocks 2 2\n", encoding="utf-8")
+    plain = ingest(_cfg(title_len=6), train=paths["train"], dev=paths["dev"], test=paths["test"],
+                   out_dir=tmp_path / "plain")
+    result = ingest(_cfg(title_len=6), train=paths["train"], dev=paths["dev"], test=paths["test"],
+                    out_dir=tmp_path / "out", glove=glove)
+    base, ds = open_dataset(tmp_path / "plain"), open_dataset(tmp_path / "out")
+    assert "zyzzyva" not in base.vocab
+    assert ds.vocab[:len(base.vocab)] == base.vocab  # the train vocabulary first, unchanged
+    assert ds.vocab[len(base.vocab):] == ["brand", "zyzzyva"]  # dev/test words GloVe knows
+    assert "unseen" not in ds.vocab and "story" not in ds.vocab  # nothing would train their rows
+    np.testing.assert_allclose(ds.word_vectors[ds.vocab.index("zyzzyva")], [1, 0])
+    n7 = ds.title_tokens[ds.news_id_to_idx["N7"]]  # "Brand new zyzzyva story"
+    assert [ds.vocab[t] for t in n7[:4]] == ["brand", "<unk>", "zyzzyva", "<unk>"]
+    assert result.manifest["glove"]["added_outside_train"] == 2
+    # coverage per split, counted independently from the titles each split's news.tsv lists
+    cov, cov_plain = result.manifest["title_coverage"], plain.manifest["title_coverage"]
+    assert cov_plain["train"]["known"] == 1.0 and cov["train"]["known"] == 1.0
+    # test: "Brand new zyzzyva story" + "Unseen words only": 7 words; known: brand, zyzzyva
+    assert cov["test"]["words"] == 7 and cov["test"]["known"] == pytest.approx(2 / 7)
+    assert cov_plain["test"]["known"] == 0.0 and cov["test"]["pretrained"] == pytest.approx(2 / 7)
+    assert any("title words in the vocabulary" in line and "test 28.6%" in line
+               for line in result.summary_lines())
+
+
 def test_glove_case_fallback_and_missing_file(tmp_path):
     write_split(tmp_path / "train", news=GOOD_NEWS, behaviors=GOOD)
     glove = tmp_path / "glove.txt"

@@ -13,7 +13,8 @@ from newsrec.config import Config, ModelConfig, config_from_dict
 from newsrec.data import schema
 from newsrec.data.artifact import DatasetArtifact
 from newsrec.errors import ArtifactError
-from newsrec.models.io import MANIFEST_FILE, WEIGHTS_FILE, build_model, check_compatible, load_model, save_model
+from newsrec.models.inputs import NewsInputs
+from newsrec.inference.model_io import MANIFEST_FILE, WEIGHTS_FILE, build_model, check_compatible, load_model, save_model
 from newsrec.models.recommender import NewsRecommender
 
 VOCAB, N_CAT, N_SUB, TITLE_LEN, EMB, HIDDEN, HEADS = 41, 4, 6, 7, 10, 12, 3
@@ -142,8 +143,13 @@ def test_glove_init_copies_vectors_and_checks_shape() -> None:
     model = NewsRecommender(_cfg(freeze_embeddings=True), vocab_size=VOCAB, n_categories=N_CAT,
                             n_subcategories=N_SUB, word_vectors=vectors)
     weight = model.news_encoder.word_embedding.weight
-    np.testing.assert_array_equal(weight.detach().numpy(), vectors)
+    expected = vectors.copy()
+    expected[1] = 0  # <unk> never trains without word dropout: zero, not a random vector
+    np.testing.assert_array_equal(weight.detach().numpy(), expected)
     assert not weight.requires_grad
+    with_dropout = NewsRecommender(_cfg(word_dropout=0.1), vocab_size=VOCAB, n_categories=N_CAT,
+                                   n_subcategories=N_SUB, word_vectors=vectors)
+    np.testing.assert_array_equal(with_dropout.news_encoder.word_embedding.weight.detach().numpy()[1], vectors[1])
     assert model.n_params(trainable_only=True) == model.n_params() - VOCAB * EMB
     with pytest.raises(ArtifactError, match="embedding_dim"):
         NewsRecommender(_cfg(), vocab_size=VOCAB, n_categories=N_CAT, n_subcategories=N_SUB,
@@ -192,8 +198,8 @@ def test_save_load_round_trip(tmp_path: Path, encoder: str) -> None:
     config = _config(encoder=encoder)
     torch.manual_seed(0)
     model = build_model(config, dataset).eval()
-    np.testing.assert_array_equal(model.news_encoder.word_embedding.weight.detach().numpy(),
-                                  dataset.word_vectors)
+    np.testing.assert_array_equal(model.news_encoder.word_embedding.weight.detach().numpy()[2:],
+                                  dataset.word_vectors[2:])
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "checkpoint.keep").write_text("untouched")
     save_model(tmp_path / "model", model, config, dataset=dataset, extra={"auc": 0.7, "run_id": "abc"})
@@ -252,3 +258,69 @@ def test_build_model_rejects_mismatched_word_vectors(tmp_path: Path) -> None:
     dataset = _write_dataset(tmp_path / "data")
     with pytest.raises(ArtifactError, match="embedding_dim"):
         build_model(_config(embedding_dim=EMB + 2), dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# word dropout, entities and view combination
+
+
+def _news(titles: torch.Tensor, entities: torch.Tensor | None = None) -> NewsInputs:
+    b = titles.shape[0]
+    return NewsInputs(category=torch.arange(b) % N_CAT, subcategory=torch.arange(b) % N_SUB, title_tokens=titles,
+                      entities=entities)
+
+
+def test_word_dropout_replaces_words_by_unk_only_while_training() -> None:
+    model = _model(word_dropout=0.5)
+    seen: list[torch.Tensor] = []
+    model.news_encoder.word_embedding.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    titles = _titles()
+    model.train()
+    model.encode_news(titles)
+    dropped = seen[-1]
+    real = titles != 0
+    assert torch.all(dropped[~real] == 0)  # padding stays padding
+    assert torch.all((dropped[real] == titles[real]) | (dropped[real] == 1))
+    assert 0.2 < (dropped[real] == 1).float().mean().item() < 0.8
+    model.eval()
+    model.encode_news(titles)
+    assert torch.equal(seen[-1], titles)
+
+
+ENTITIES = torch.tensor([[3, 5, 0], [0, 0, 0], [2, 0, 0], [7, 7, 1], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("views", ["sum", "attention"])
+def test_entities_are_a_view_padding_invariant(views: str) -> None:
+    torch.manual_seed(0)
+    model = NewsRecommender(_cfg(use_entities=True, entity_dim=6, news_views=views), vocab_size=VOCAB,
+                            n_categories=N_CAT, n_subcategories=N_SUB, n_entities=9).eval()
+    titles = _titles()
+    with torch.no_grad():
+        base = model.encode_news(_news(titles, ENTITIES))
+        wider = model.encode_news(_news(titles, torch.cat([ENTITIES, torch.zeros(5, 2, dtype=torch.long)], 1)))
+        torch.testing.assert_close(wider, base, rtol=0, atol=1e-6)
+        other = model.encode_news(_news(titles, torch.tensor([[4, 0, 0], [0, 0, 0], [2, 0, 0], [7, 7, 1], [0, 0, 0]])))
+        assert not torch.allclose(other[0], base[0]) and torch.allclose(other[1:], base[1:])
+        enc = model.news_encoder
+        text = enc._title(_news(titles))
+        cat = enc.category_embedding(torch.arange(5) % N_CAT)
+        sub = enc.subcategory_embedding(torch.arange(5) % N_SUB)
+        if views == "sum":  # a news without entities: title + categories, nothing else
+            torch.testing.assert_close(base[1], text[1] + cat[1] + sub[1])
+        else:  # view attention over the views present: a convex combination of them
+            stacked = torch.stack([text[1], cat[1], sub[1]])
+            weights = torch.softmax(enc.view_pooling.score(torch.tanh(enc.view_pooling.proj(stacked))), dim=0)
+            torch.testing.assert_close(base[1], (weights * stacked).sum(0))
+    with pytest.raises(ArtifactError, match="title entities"):
+        model.encode_news(_news(titles))
+
+
+def test_pretrained_entity_vectors_are_loaded_frozen() -> None:
+    vectors = np.random.default_rng(1).normal(size=(9, 6)).astype(np.float32)
+    model = NewsRecommender(_cfg(use_entities=True), vocab_size=VOCAB, n_categories=N_CAT, n_subcategories=N_SUB,
+                            n_entities=9, entity_vectors=vectors)
+    weight = model.news_encoder.entity_embedding.weight
+    np.testing.assert_array_equal(weight.detach().numpy()[1:], vectors[1:])
+    assert not weight[0].any() and not weight.requires_grad
+    assert model.news_encoder.entity_projection.weight.requires_grad

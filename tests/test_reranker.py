@@ -342,7 +342,7 @@ def _config(**rerank: object):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from newsrec.models.io import build_model, save_model
+    from newsrec.inference.model_io import build_model, save_model
     from newsrec.train.rerank import fit_reranker
 
     root = tmp_path_factory.mktemp("rerank")
@@ -556,7 +556,7 @@ def test_evaluate_follows_rerank_use(trained, tmp_path):
 
 def test_save_load_round_trip_equals_the_fit(trained):
     from newsrec.eval.metrics import compute_metrics
-    from newsrec.models.io import load_model
+    from newsrec.inference.model_io import load_model
     from newsrec.train.rerank import score_impressions_two_stage
 
     root, result = trained
@@ -607,7 +607,7 @@ def test_rerank_after_the_log_equals_the_replayed_log_and_batches(trained):
 
 
 def test_mismatched_retriever_is_refused(trained, tmp_path):
-    from newsrec.models.io import build_model, save_model
+    from newsrec.inference.model_io import build_model, save_model
 
     root, _ = trained
     dataset = open_dataset(root / "data")

@@ -38,7 +38,7 @@ def serving_dirs(tmp_path_factory) -> ServingFixture:
     """synth (tiny) → ingest → untrained model saved → index built: the plumbing of a real service."""
     from newsrec.data.ingest import ingest
     from newsrec.data.synth import generate
-    from newsrec.models.io import build_model, save_model
+    from newsrec.inference.model_io import build_model, save_model
 
     root = tmp_path_factory.mktemp("serving")
     generate(root / "raw", size="tiny", seed=0)
@@ -80,7 +80,7 @@ def a_user_with_history(dataset: DatasetArtifact, min_len: int = 5, max_len: int
 
 def test_index_covers_every_news_with_encoder_vectors(serving_dirs):
     from newsrec.eval.evaluate import encode_all_news
-    from newsrec.models.io import load_model
+    from newsrec.inference.model_io import load_model
 
     index = load_index(serving_dirs.index_dir)
     n_news = serving_dirs.dataset.n_news
@@ -180,11 +180,12 @@ def test_fresh_title_tokens_match_ingest(service, serving_dirs):
     dataset = serving_dirs.dataset
     for idx in (1, 2, dataset.n_news):
         title = str(dataset.news.filter(dataset.news["news_idx"] == idx)["title"][0])
-        np.testing.assert_array_equal(service._title_tokens(title), dataset.title_tokens[idx])
+        fresh = service.news_features().fresh([title], [0], [0])["title_tokens"][0]
+        np.testing.assert_array_equal(fresh, dataset.title_tokens[idx])
 
 
 def test_index_refused_for_another_model(serving_dirs, tmp_path):
-    from newsrec.models.io import build_model, save_model
+    from newsrec.inference.model_io import build_model, save_model
 
     other = tmp_path / "other_model"
     cfg = config_from_dict({**SMALL_MODEL, "model": {**SMALL_MODEL["model"], "hidden_size": 16}})

@@ -45,7 +45,7 @@ def _config():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from newsrec.models.io import build_model, save_model
+    from newsrec.inference.model_io import build_model, save_model
 
     root = tmp_path_factory.mktemp("repro")
     paths = standard_corpus(root)

@@ -73,7 +73,7 @@ def test_logged_model_loads_back_and_scores_like_the_model_dir(trained):
     from mlflow.tracking import MlflowClient
 
     from newsrec.data.artifact import open_dataset
-    from newsrec.models.io import load_model
+    from newsrec.inference.model_io import load_model
 
     mlflow.set_tracking_uri(uri)
     run = MlflowClient(tracking_uri=uri).search_runs(

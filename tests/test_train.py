@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from newsrec.config import config_from_dict
 from newsrec.errors import ArtifactError, ConfigError
+from newsrec.models.inputs import NewsInputs
 from newsrec.train import fit
 from newsrec.train.checkpoint import load_checkpoint
 from newsrec.train.loop import NRMSObjective, lr_multiplier
@@ -111,8 +112,8 @@ def test_training_is_deterministic_on_cpu(known_no_dev, tmp_path):
 
 def test_objective_masks_padding_candidates_and_matches_manual_softmax():
     class DotModel(torch.nn.Module):
-        def encode_news(self, tokens, category, subcategory):
-            return tokens.float()
+        def encode_news(self, news):
+            return news.title_tokens.float()
 
         def encode_user(self, vectors, mask):
             return (vectors * mask.unsqueeze(-1)).sum(1)
@@ -126,8 +127,9 @@ def test_objective_masks_padding_candidates_and_matches_manual_softmax():
     history_mask = history_slots > 0
     candidate_slots = torch.tensor([[4, 5, 0], [1, 2, 3]])
     candidate_mask = torch.tensor([[True, True, False], [True, True, True]])
-    loss = NRMSObjective(DotModel())(tokens, None, None, history_slots, history_mask, candidate_slots,
-                                     candidate_mask)
+    news = NewsInputs(category=torch.zeros(5, dtype=torch.long), subcategory=torch.zeros(5, dtype=torch.long),
+                      title_tokens=tokens)
+    loss = NRMSObjective(DotModel())(news, history_slots, history_mask, candidate_slots, candidate_mask)
     table = torch.cat([torch.zeros(1, 3), tokens.float()])
     expected = 0.0
     for b in range(2):

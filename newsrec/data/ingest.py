@@ -91,7 +91,15 @@ class IngestResult:
         if m.get("glove"):
             g = m["glove"]
             lines.append(f"GloVe: {g['found']:,} words found, {g['not_found']:,} not found "
-                         f"(dim {g['dim']})")
+                         f"(dim {g['dim']}); {g['added_outside_train']:,} words of dev/test titles only")
+        if m.get("title_coverage"):
+            parts = []
+            for split, row in m["title_coverage"].items():
+                text = f"{split} {100 * row['known']:.1f}%"
+                if row.get("pretrained") is not None:
+                    text += f" ({100 * row['pretrained']:.1f}% with a GloVe vector)"
+                parts.append(text)
+            lines.append("title words in the vocabulary: " + ", ".join(parts))
         lines.append(f"wall time: {self.seconds:.1f} s")
         return lines
 
@@ -123,8 +131,17 @@ def ingest(config: Config, *, train: str | Path, dev: str | Path | None = None,
         title_words = tokenize(news["title"], lowercase=data_cfg.lowercase)
         vocab = build_vocabulary(title_words.filter(train_mask), min_word_count=data_cfg.min_word_count,
                                  max_vocab=data_cfg.max_vocab)
+        glove_info = None
+        word_vectors = None
+        if glove is not None:
+            bar.set_postfix_str("GloVe vectors")
+            vocab, word_vectors, glove_info = _vocabulary_with_glove(glove, vocab, title_words,
+                                                                     lowercase=data_cfg.lowercase)
+            bar.update(1)
         title_tokens = np.zeros((len(news) + 1, data_cfg.title_len), dtype=np.int32)
         title_tokens[1:] = encode_tokens(title_words, vocab, length=data_cfg.title_len)
+        coverage = _title_coverage(title_tokens[1:], news_by_split, news["news_id"],
+                                   pretrained=None if glove_info is None else glove_info.pop("found_words"))
         del title_words
         categories = {
             "category": ["<unk>", *sorted(set(news.filter(train_mask)["category"].to_list()))],
@@ -154,18 +171,13 @@ def ingest(config: Config, *, train: str | Path, dev: str | Path | None = None,
         del flat
         bar.update(1)
 
-        glove_info = None
-        word_vectors = None
-        if glove is not None:
-            bar.set_postfix_str("GloVe vectors")
-            word_vectors, glove_info = read_glove(glove, vocab, lowercase=data_cfg.lowercase)
-            bar.update(1)
 
         entity_ids, entity_vectors = _union_entities(splits)
 
         bar.set_postfix_str("writing")
         manifest = _manifest(config, splits, behaviors, news_full, vocab, categories, missing_total,
                              glove_info, glove, entity_ids)
+        manifest["title_coverage"] = coverage
         out_dir = Path(out_dir)
         with atomic_dir(out_dir) as tmp:
             news_full.write_parquet(tmp / schema.NEWS, **PARQUET_OPTIONS)
@@ -381,8 +393,53 @@ def _union_entities(splits: dict[str, SplitData]) -> tuple[list[str], np.ndarray
 # GloVe
 
 
-def read_glove(path: str | Path, vocab: list[str], *, lowercase: bool) -> tuple[np.ndarray, dict[str, Any]]:
-    """GloVe text file (``word v1 ... vD`` per line) → float32 [len(vocab), D] aligned to ``vocab``.
+def _vocabulary_with_glove(glove: str | Path, train_vocab: list[str], title_words: pl.Series, *,
+                           lowercase: bool) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """The train vocabulary plus every word of any split's titles that GloVe has a vector for (text
+    is not a label: a cold news' words get their pretrained meaning). A word outside the train
+    vocabulary without a GloVe vector stays ``<unk>``: nothing would ever train its row.
+
+    Returns (vocabulary, float32 [len(vocabulary), D] vectors, info with ``found_words`` bool [len]).
+    """
+    known = set(train_vocab)
+    everything = build_vocabulary(title_words, min_word_count=1, max_vocab=0)[2:]
+    extra = [w for w in everything if w not in known]
+    candidates = [*train_vocab, *extra]
+    vectors, info, found = read_glove(glove, candidates, lowercase=lowercase)
+    keep = np.ones(len(candidates), dtype=bool)
+    keep[len(train_vocab):] = found[len(train_vocab):]
+    vocab = [w for w, k in zip(candidates, keep) if k]
+    found = found[keep]
+    info.update(found=int(found[2:].sum()), not_found=int((~found[2:]).sum()),
+                added_outside_train=int(keep[len(train_vocab):].sum()), found_words=found)
+    return vocab, vectors[keep], info
+
+
+def _title_coverage(title_tokens: np.ndarray, news_by_split: pl.DataFrame, news_ids: pl.Series, *,
+                    pretrained: np.ndarray | None) -> dict[str, dict[str, Any]]:
+    """Per split (the news its news.tsv lists): title words kept (``title_tokens`` int32 [n, T], row
+    i = news_idx i + 1), the share in the vocabulary (not ``<unk>``) and, with GloVe, the share with a
+    pretrained vector (``pretrained`` bool [vocab_size])."""
+    listed = news_by_split.join(pl.DataFrame({"news_id": news_ids}).with_row_index("row"), on="news_id")
+    out: dict[str, dict[str, Any]] = {}
+    for split in ("train", "dev", "test"):
+        rows = listed.filter(pl.col("splits").list.contains(split))["row"].to_numpy()
+        if len(rows) == 0:
+            continue
+        words = title_tokens[rows]
+        words = words[words != schema.PAD]
+        total = int(len(words))
+        row: dict[str, Any] = {"words": total, "known": float((words != schema.UNK).mean()) if total else 0.0}
+        if pretrained is not None:
+            row["pretrained"] = float(pretrained[words].mean()) if total else 0.0
+        out[split] = row
+    return out
+
+
+def read_glove(path: str | Path, vocab: list[str], *, lowercase: bool
+               ) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+    """GloVe text file (``word v1 ... vD`` per line) → float32 [len(vocab), D] aligned to ``vocab``,
+    an info dict and which vocabulary words were found (bool [len(vocab)]).
 
     An exact match wins; with ``lowercase`` a cased GloVe word also fills its lowercase vocabulary
     word. Words not found get small random vectors (seeded, scaled like the found ones); ``<pad>``
@@ -423,8 +480,11 @@ def read_glove(path: str | Path, vocab: list[str], *, lowercase: bool) -> tuple[
     vectors[schema.PAD] = 0.0
     real = np.ones(len(vocab), dtype=bool)
     real[[schema.PAD, schema.UNK]] = False
-    found = int(np.isin(np.flatnonzero(real), rows).sum())
-    return vectors, {"file": str(path), "dim": dim, "found": found, "not_found": int(real.sum()) - found}
+    found_words = np.zeros(len(vocab), dtype=bool)
+    found_words[rows] = True
+    found_words &= real
+    found = int(found_words.sum())
+    return vectors, {"file": str(path), "dim": dim, "found": found, "not_found": int(real.sum()) - found}, found_words
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,9 +17,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from newsrec.config import ModelConfig
 from newsrec.data.artifact import DatasetArtifact, Impressions
+from newsrec.data.features import NewsFeatures, news_features
 from newsrec.errors import ArtifactError, NewsrecError
 from newsrec.eval import metrics as M
+from newsrec.models.inputs import NewsInputs
 from newsrec.train.distributed import resolve_device
 from newsrec.utils.progress import progress
 
@@ -43,27 +46,33 @@ def _inference(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _news_inputs(dataset: DatasetArtifact, rows: np.ndarray, device: torch.device
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Title tokens [B, T], category [B], subcategory [B] (int64) of news_idx ``rows``."""
-    category, subcategory = dataset.news_categories
-    tokens = torch.from_numpy(np.ascontiguousarray(dataset.title_tokens[rows]).astype(np.int64))
-    return (tokens.to(device), torch.from_numpy(category[rows]).to(device),
-            torch.from_numpy(subcategory[rows]).to(device))
+def model_news_features(model: nn.Module, dataset: DatasetArtifact) -> NewsFeatures:
+    """The news inputs ``model`` reads over ``dataset`` (for a PLM model, the cached states of the
+    backbone it was trained with)."""
+    model_cfg = getattr(model, "cfg", None) or ModelConfig()  # a model without settings reads words
+    return news_features(dataset, model_cfg, plm_fingerprint=getattr(model, "plm_fingerprint", None))
+
+
+def _news_inputs(features: NewsFeatures, rows: np.ndarray, device: torch.device) -> NewsInputs:
+    """The encoder's inputs for news_idx ``rows`` on ``device``."""
+    return NewsInputs.from_arrays(features.gather(rows), device)
 
 
 def encode_all_news(model: nn.Module, dataset: DatasetArtifact, *, batch_size: int = 1024,
-                    device: str | torch.device = "cpu", show_progress: bool = True) -> Tensor:
-    """News vectors float32 [n_news + 1, D] on ``device``; row 0 (the padding news) is zeros."""
+                    device: str | torch.device = "cpu", show_progress: bool = True,
+                    features: NewsFeatures | None = None) -> Tensor:
+    """News vectors float32 [n_news + 1, D] on ``device``; row 0 (the padding news) is zeros.
+    ``features``: the model's news inputs when already open (``model_news_features``)."""
     device = torch.device(device)
+    if features is None:
+        features = model_news_features(model, dataset)
     n_news = dataset.n_news
     out = torch.zeros(n_news + 1, model.news_dim, dtype=torch.float32, device=device)
     starts = range(1, n_news + 1, batch_size)
     with _inference(model):
         for start in progress(starts, desc="encode news", unit="batch", disable=_quiet(show_progress)):
             rows = np.arange(start, min(start + batch_size, n_news + 1))
-            tokens, category, subcategory = _news_inputs(dataset, rows, device)
-            out[start:start + len(rows)] = model.encode_news(tokens, category, subcategory).float()
+            out[start:start + len(rows)] = model.encode_news(_news_inputs(features, rows, device)).float()
     return out
 
 
@@ -183,14 +192,15 @@ def score_impressions_slow(model: nn.Module, dataset: DatasetArtifact, impressio
     titles directly, then the user, then the scores. float32 scores of ``rows``' candidates,
     concatenated in ``rows`` order."""
     device = torch.device(device)
+    features = model_news_features(model, dataset)
     out: list[np.ndarray] = []
     with _inference(model):
         for i in np.asarray(rows, dtype=np.int64):
             candidates = impressions.candidates_of(int(i)).astype(np.int64)
             history = impressions.history_of(int(i), history_len).astype(np.int64)
-            candidate_vectors = model.encode_news(*_news_inputs(dataset, candidates, device))  # (C, D)
+            candidate_vectors = model.encode_news(_news_inputs(features, candidates, device))  # (C, D)
             if len(history):
-                history_vectors = model.encode_news(*_news_inputs(dataset, history, device))  # (N, D)
+                history_vectors = model.encode_news(_news_inputs(features, history, device))  # (N, D)
             else:
                 history_vectors = torch.zeros(1, model.news_dim, device=device)
             mask = torch.tensor([[len(history) > 0] * len(history_vectors)], device=device)
@@ -230,7 +240,7 @@ class InferenceInputs:
 def load_for_inference(model_dir: str | Path, data_dir: str | Path, *, device: str | None = None
                        ) -> InferenceInputs:
     """Load MODEL_DIR (weights only, no pickle) and the dataset artifact; refuse incompatible pairs."""
-    from newsrec.models.io import check_compatible, load_model
+    from newsrec.inference.model_io import check_compatible, load_model
 
     dataset = DatasetArtifact(data_dir)
     loaded = load_model(model_dir)

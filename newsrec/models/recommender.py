@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from newsrec.config import ModelConfig
-from newsrec.models.encoders import NewsEncoder, UserEncoder
+from newsrec.models.encoders import UNK_WORD_ID, NewsEncoder, UserEncoder
+from newsrec.models.inputs import NewsInputs
 
 
 class NewsRecommender(nn.Module):
@@ -22,20 +23,42 @@ class NewsRecommender(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int, n_categories: int, n_subcategories: int,
-                 word_vectors: np.ndarray | None = None, max_history: int = 50) -> None:
+                 word_vectors: np.ndarray | None = None, max_history: int = 50, n_entities: int = 0,
+                 entity_vectors: np.ndarray | None = None, entity_dim: int | None = None, plm_dim: int = 0,
+                 plm_layers: nn.Module | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.news_dim = cfg.hidden_size
+        self.plm_dim = plm_dim
+        self.plm_fingerprint: str | None = None  # identity of the PLM whose states it reads (set by io)
+        if entity_vectors is not None:
+            entity_dim = int(entity_vectors.shape[1])
         self.news_encoder = NewsEncoder(cfg, vocab_size=vocab_size, n_categories=n_categories,
-                                        n_subcategories=n_subcategories)
+                                        n_subcategories=n_subcategories, n_entities=n_entities,
+                                        entity_dim=entity_dim, plm_dim=plm_dim, plm_layers=None)
         self.user_encoder = UserEncoder(cfg, max_history=max_history)
         self.apply(self._init_weights)
-        with torch.no_grad():
-            self.news_encoder.word_embedding.weight[0].zero_()  # padding word
-        if word_vectors is not None:
-            self.news_encoder.load_word_vectors(word_vectors, freeze=cfg.freeze_embeddings)
-        elif cfg.freeze_embeddings:
-            self.news_encoder.word_embedding.weight.requires_grad_(False)
+        # the PLM's own blocks keep their pretrained weights: attached after the initialisation
+        self.news_encoder.plm_layers = plm_layers
+        embedding = self.news_encoder.word_embedding
+        if embedding is not None:
+            with torch.no_grad():
+                embedding.weight[0].zero_()  # padding word
+            if word_vectors is not None:
+                self.news_encoder.load_word_vectors(word_vectors, freeze=cfg.freeze_embeddings)
+            elif cfg.freeze_embeddings:
+                embedding.weight.requires_grad_(False)
+            if not cfg.word_dropout:
+                # without word dropout no training title holds <unk>: its row would stay a random
+                # vector added to every cold title with unknown words; zero carries no such noise
+                with torch.no_grad():
+                    embedding.weight[UNK_WORD_ID].zero_()
+        if self.news_encoder.entity_embedding is not None:
+            if entity_vectors is not None:
+                self.news_encoder.load_entity_vectors(entity_vectors)
+            else:
+                with torch.no_grad():
+                    self.news_encoder.entity_embedding.weight[0].zero_()
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.cfg.init_std
@@ -51,11 +74,16 @@ class NewsRecommender(nn.Module):
         elif isinstance(module, UserEncoder):
             nn.init.normal_(module.empty_history, mean=0.0, std=std)
 
-    def encode_news(self, title_tokens: Tensor, category: Tensor | None = None,
+    def encode_news(self, news: NewsInputs | Tensor, category: Tensor | None = None,
                     subcategory: Tensor | None = None) -> Tensor:
-        """``title_tokens [B, T]`` int64 (0 = pad), ``category``/``subcategory [B]`` (None = unknown)
-        → news vectors ``[B, D]``. A title of only padding gives a finite vector."""
-        return self.news_encoder(title_tokens, category, subcategory)
+        """``NewsInputs`` of B news → news vectors ``[B, D]``. A title-token tensor ``[B, T]`` int64
+        (0 = pad) with ``category``/``subcategory [B]`` (None = unknown) is accepted as a shorthand
+        for a words model. A title of only padding gives a finite vector."""
+        if isinstance(news, Tensor):
+            unknown = torch.zeros(news.shape[0], dtype=torch.long, device=news.device)
+            news = NewsInputs(category=unknown if category is None else category,
+                              subcategory=unknown if subcategory is None else subcategory, title_tokens=news)
+        return self.news_encoder(news)
 
     def encode_user(self, history_vectors: Tensor, history_mask: Tensor) -> Tensor:
         """``history_vectors [B, N, D]`` (clicks oldest → newest, padding at the end),

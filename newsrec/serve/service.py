@@ -24,7 +24,9 @@ import torch
 
 from newsrec.config import Config, IndexConfig, ServeConfig
 from newsrec.data.artifact import DatasetArtifact, open_dataset
+from newsrec.data.features import NewsFeatures, news_features
 from newsrec.errors import ArtifactError, NewsrecError
+from newsrec.models.inputs import NewsInputs
 from newsrec.serve.batching import MicroBatcher
 from newsrec.serve.clock import ServiceClock
 from newsrec.serve.index import NewsIndex, build_index, load_index
@@ -136,6 +138,8 @@ class Recommender:
         self.history_len = config.data.history_len
         self.device = next(model.parameters()).device
         self._lock = threading.Lock()
+        self._features: NewsFeatures | None = None
+        self._features_lock = threading.Lock()
         self._dirty = False
         self._fresh_key_of: dict[str, int] = {}
         self._fresh_meta: dict[int, dict] = {}
@@ -169,7 +173,7 @@ class Recommender:
         (nprobe, efSearch, threads) that replace the ones the index was built with. ``rerank_use``:
         auto | always | never (None = the re-ranker's ``rerank.use``): the re-ranker is loaded only
         where it is to be used (``rerank_decision`` says why)."""
-        from newsrec.models.io import check_compatible, load_model
+        from newsrec.inference.model_io import check_compatible, load_model
 
         loaded = load_model(model_dir)
         dataset = open_dataset(data_dir or _dataset_path(loaded.manifest, model_dir))
@@ -395,22 +399,22 @@ class Recommender:
 
     # ------------------------------------------------------------------ fresh news
     def add_news(self, news_id: str, title: str, *, category: str | None = None,
-                 subcategory: str | None = None) -> int:
-        """Tokenise ``title`` with the artifact's vocabulary, encode it, add it to the index; returns
-        its key. Raises DuplicateNewsError when ``news_id`` is already known."""
+                 subcategory: str | None = None, entities: list[str] | None = None) -> int:
+        """Encode a fresh news from its text (the artifact's tokenisation, or the model's PLM) and its
+        ``entities`` (WikidataIds; used by an entity-reading model), add it to the index; returns its
+        key. Raises DuplicateNewsError when ``news_id`` is already known."""
         news_id = news_id.strip()
         if not news_id:
             raise NewsrecError("news_id must not be empty")
         if self.key_of(news_id) is not None:
             raise DuplicateNewsError(f"news '{news_id}' is already known")
-        tokens = self._title_tokens(title)
         cats = self.dataset.categories
         cat_idx = _index_of(cats["category"], category)
         sub_idx = _index_of(cats["subcategory"], subcategory)
+        arrays = self.news_features().fresh([title], [cat_idx], [sub_idx],
+                                            [list(entities or [])])
         with torch.inference_mode():
-            vector = self.model.encode_news(
-                torch.from_numpy(tokens[None, :].astype(np.int64)).to(self.device),
-                torch.tensor([cat_idx], device=self.device), torch.tensor([sub_idx], device=self.device))
+            vector = self.model.encode_news(NewsInputs.from_arrays(arrays, self.device))
         vector = vector.float().cpu().numpy()
         with self._lock:
             if self.key_of(news_id) is not None:
@@ -431,6 +435,15 @@ class Recommender:
             self._evict_over_cap()
         return key
 
+    def news_features(self) -> NewsFeatures:
+        """The news inputs of the model (opened on first use): fresh news are tokenised, and for a PLM
+        model run through the backbone, exactly as the dataset's news were."""
+        with self._features_lock:
+            if self._features is None:
+                self._features = news_features(self.dataset, self.config,
+                                               plm_fingerprint=getattr(self.model, "plm_fingerprint", None))
+            return self._features
+
     def _evict_over_cap(self) -> list[str]:
         """Drop the oldest fresh news (smallest keys) beyond ``serve.max_fresh_news`` from the
         index and the id tables; returns their ids. The caller holds ``_lock`` (or is __init__)."""
@@ -445,13 +458,6 @@ class Recommender:
         self._dirty = True
         self.evicted += len(evicted)
         return evicted
-
-    def _title_tokens(self, title: str) -> np.ndarray:
-        """int32 [title_len]: the same tokenisation ingest applied to the artifact's titles."""
-        from newsrec.data.tokenize import encode_tokens, tokenize
-
-        tokens = tokenize(pl.Series([title], dtype=pl.String), lowercase=self.config.data.lowercase)
-        return encode_tokens(tokens, self.dataset.vocab, length=self.dataset.title_len)[0]
 
     @property
     def dirty(self) -> bool:
@@ -526,7 +532,7 @@ def index_news(model_dir: str | Path, *, data_dir: str | Path | None, out_dir: s
     """``newsrec index``: encode every news of the artifact with the trained news encoder and
     write INDEX_DIR (see ``newsrec.serve.index``). ``index_cfg`` defaults to the model's config."""
     from newsrec.eval.evaluate import encode_all_news
-    from newsrec.models.io import check_compatible, load_model
+    from newsrec.inference.model_io import check_compatible, load_model
 
     model_dir = Path(model_dir)
     loaded = load_model(model_dir)

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from newsrec.data.artifact import Impressions
+from newsrec.data.features import NewsFeatures
 from newsrec.errors import ConfigError, DataError
+from newsrec.models.inputs import NewsInputs
 
 T = TypeVar("T")
 
@@ -48,15 +50,26 @@ class Batch:
     n_unique: int  # distinct news before bucket padding
     history_slots: torch.Tensor  # int64 [B, H] rows of the encoded table
     candidate_slots: torch.Tensor  # int64 [B, C]
-    title_tokens: torch.Tensor  # int64 [U, T] titles of unique_news
-    category: torch.Tensor  # int64 [U]
-    subcategory: torch.Tensor  # int64 [U]
+    news: NewsInputs  # what the news encoder reads about unique_news ([U, ...] each)
     global_batch_size: int  # samples in the whole global batch (all ranks)
     batch_index: int  # position of this batch in its epoch
 
     @property
     def size(self) -> int:
         return int(self.candidates.shape[0])
+
+    @property
+    def title_tokens(self) -> torch.Tensor | None:
+        """int64 [U, T] titles of unique_news (a words model's input)."""
+        return self.news.title_tokens
+
+    @property
+    def category(self) -> torch.Tensor:
+        return self.news.category
+
+    @property
+    def subcategory(self) -> torch.Tensor:
+        return self.news.subcategory
 
 
 @dataclass(frozen=True)
@@ -186,18 +199,22 @@ def deduplicate(history: np.ndarray, candidates: np.ndarray, *, bucket_size: int
 class BatchBuilder:
     """Builds the batches of an epoch for one rank (see module docstring for the contract)."""
 
-    def __init__(self, impressions: Impressions, *, title_tokens: np.ndarray,
-                 category: np.ndarray, subcategory: np.ndarray, batch_size: int, npratio: int,
-                 history_len: int, seed: int, bucket_size: int | None = None, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(self, impressions: Impressions, *, batch_size: int, npratio: int, history_len: int, seed: int,
+                 features: NewsFeatures | None = None, title_tokens: np.ndarray | None = None,
+                 category: np.ndarray | None = None, subcategory: np.ndarray | None = None,
+                 bucket_size: int | None = None, rank: int = 0, world_size: int = 1) -> None:
+        """``features``: the news inputs by news_idx (``newsrec.data.features``); or, for a words
+        model, the ``title_tokens``/``category``/``subcategory`` arrays it is made of."""
         if batch_size < world_size:
             raise ConfigError(f"train.batch_size={batch_size} is smaller than the {world_size} "
                               f"processes; raise train.batch_size (it is the global batch)")
+        if features is None:
+            if title_tokens is None or category is None or subcategory is None:
+                raise ConfigError("BatchBuilder needs features, or title_tokens, category and subcategory")
+            features = NewsFeatures(category=category, subcategory=subcategory, title_tokens=title_tokens)
         self.impressions = impressions
         self.samples = build_samples(impressions)
-        self.title_tokens = title_tokens
-        self.category = category
-        self.subcategory = subcategory
+        self.features = features
         self.batch_size = batch_size
         self.npratio = npratio
         self.history_len = history_len
@@ -242,9 +259,7 @@ class BatchBuilder:
             n_unique=n_unique,
             history_slots=torch.from_numpy(history_slots),
             candidate_slots=torch.from_numpy(candidate_slots),
-            title_tokens=torch.from_numpy(self.title_tokens[unique].astype(np.int64)),
-            category=torch.from_numpy(self.category[unique].astype(np.int64)),
-            subcategory=torch.from_numpy(self.subcategory[unique].astype(np.int64)),
+            news=NewsInputs.from_arrays(self.features.gather(unique)),
             global_batch_size=len(ids),
             batch_index=batch_index,
         )

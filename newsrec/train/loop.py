@@ -36,8 +36,10 @@ from torch import Tensor, nn
 
 from newsrec.config import Config, apply_dataset
 from newsrec.data.artifact import DatasetArtifact, Impressions, concat_impressions, open_dataset
+from newsrec.data.features import news_features
 from newsrec.data.schema import MANIFEST
 from newsrec.errors import ArtifactError, ConfigError
+from newsrec.models.inputs import NewsInputs
 from newsrec.train import checkpoint, distributed, tracking
 from newsrec.train.batching import Batch, BatchBuilder
 from newsrec.utils.progress import progress
@@ -151,11 +153,11 @@ class NRMSObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, title_tokens: Tensor, category: Tensor, subcategory: Tensor, history_slots: Tensor,
-                history_mask: Tensor, candidate_slots: Tensor, candidate_mask: Tensor) -> Tensor:
-        """title_tokens [U, T], category/subcategory [U], history_slots/mask [B, H],
-        candidate_slots/mask [B, C] (column 0 = the click) → summed loss over the B samples (scalar)."""
-        news_vectors = self.model.encode_news(title_tokens, category, subcategory)  # [U, D]
+    def forward(self, news: NewsInputs, history_slots: Tensor, history_mask: Tensor, candidate_slots: Tensor,
+                candidate_mask: Tensor) -> Tensor:
+        """news: the inputs of the U unique news, history_slots/mask [B, H], candidate_slots/mask [B, C]
+        (column 0 = the click) → summed loss over the B samples (scalar)."""
+        news_vectors = self.model.encode_news(news)  # [U, D]
         table = torch.cat([news_vectors.new_zeros(1, news_vectors.shape[1]), news_vectors])  # [U+1, D]
         user_vectors = self.model.encode_user(table[history_slots], history_mask)  # [B, D]
         logits = self.model.score(user_vectors, table[candidate_slots]).float()  # [B, C]
@@ -280,9 +282,12 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
     if "train" not in dataset.splits:
         raise ArtifactError(f"{data_dir}: no train split to learn from; ingest one with --train")
     fit_log = split_fit_log(dataset, config)  # the same on every rank: a pure function of data and config
-    category, subcategory = dataset.news_categories
-    builder = BatchBuilder(fit_log.train, title_tokens=dataset.title_tokens,
-                           category=category, subcategory=subcategory, batch_size=tc.batch_size,
+    if ctx.is_main:  # PLM states are computed once, by rank 0, before the other ranks read them
+        features = news_features(dataset, config)
+    distributed.barrier(ctx)
+    if not ctx.is_main:
+        features = news_features(dataset, config, show_progress=False)
+    builder = BatchBuilder(fit_log.train, features=features, batch_size=tc.batch_size,
                            npratio=tc.npratio, history_len=config.data.history_len, seed=tc.seed,
                            bucket_size=tc.bucket_size if tc.bf16 else None, rank=ctx.rank,
                            world_size=ctx.world_size)
@@ -293,9 +298,9 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps)
 
-    from newsrec.models.io import build_model, save_model
+    from newsrec.inference.model_io import build_model, save_model
 
-    model = build_model(config, dataset).to(ctx.device)
+    model = build_model(config, dataset, features).to(ctx.device)
     objective = distributed.wrap_model(NRMSObjective(model), ctx)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -452,9 +457,8 @@ def _train_step(objective: nn.Module, model: nn.Module, optimizer: torch.optim.O
 
     optimizer.zero_grad(set_to_none=True)
     with autocast:
-        loss_sum = objective(put(batch.title_tokens), put(batch.category), put(batch.subcategory),
-                             put(batch.history_slots), put(batch.history_mask), put(batch.candidate_slots),
-                             put(batch.candidate_mask))
+        loss_sum = objective(batch.news.to(device, non_blocking=True), put(batch.history_slots),
+                             put(batch.history_mask), put(batch.candidate_slots), put(batch.candidate_mask))
     (loss_sum * (world_size / batch.global_batch_size)).backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

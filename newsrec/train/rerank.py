@@ -193,7 +193,7 @@ def time_slices(times: np.ndarray, *, train_fraction: float, guard_fraction: flo
 def fit_first_stage_before(retriever: Any, dataset: DatasetArtifact, rows: np.ndarray, workdir: Path) -> Any:
     """A first stage with ``retriever``'s config fit on the train impressions ``rows`` only (no
     tracking, no dev split: nothing of dev chooses anything). Returns the trained module."""
-    from newsrec.models.io import load_model
+    from newsrec.inference.model_io import load_model
     from newsrec.train.loop import fit
 
     data = workdir / "data"
@@ -425,7 +425,7 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
     ``retriever_dir``; write RERANKER_DIR ``out_dir`` (see ``newsrec.inference.rerank``)."""
     from newsrec.eval.evaluate import encode_all_news
     from newsrec.eval.metrics import compute_metrics
-    from newsrec.models.io import check_compatible, load_model
+    from newsrec.inference.model_io import check_compatible, load_model
     from newsrec.train import tracking
 
     started = time.perf_counter()

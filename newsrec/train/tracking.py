@@ -209,20 +209,24 @@ def log_evaluation(tracking_cfg: TrackingConfig, *, run_id: str | None, metrics:
 
 
 def _copy_model_files(model_dir: Path, dest: Path) -> None:
-    from newsrec.models.io import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
+    from newsrec.inference.model_io import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 
     dest.mkdir(parents=True)
     for name in (WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE):
         shutil.copy2(model_dir / name, dest / name)
 
 
-def _write_news_table(dataset: Any, dest: Path) -> None:
-    """The news the logged model can score: ids, title tokens, categories (index = news_idx)."""
+def _write_news_table(model_dir: Path, dataset: Any, dest: Path) -> None:
+    """The news the logged model can score: their ids and the model's vectors of them (index =
+    news_idx), encoded once by the evaluation path, so the logged model needs no text inputs (word
+    ids, PLM states, entities) of its own."""
+    from newsrec.eval.evaluate import encode_all_news
+    from newsrec.inference.model_io import load_model
+
     dest.mkdir(parents=True)
-    np.save(dest / "title_tokens.npy", np.asarray(dataset.title_tokens, dtype=np.int32))
-    category, subcategory = dataset.news_categories
-    np.save(dest / "category.npy", category.astype(np.int64))
-    np.save(dest / "subcategory.npy", subcategory.astype(np.int64))
+    model = load_model(model_dir).model
+    vectors = encode_all_news(model, dataset, show_progress=False)
+    np.save(dest / "news_vectors.npy", vectors.cpu().numpy().astype(np.float32))
     (dest / "news_ids.json").write_text(json.dumps(list(dataset.news_idx_to_id[1:])), encoding="utf-8")
 
 
@@ -239,7 +243,7 @@ def log_model(model_dir: str | Path, *, dataset: Any, register_name: str = "") -
     with tempfile.TemporaryDirectory(prefix="newsrec-pyfunc-") as tmp:
         data = Path(tmp) / "newsrec"
         _copy_model_files(model_dir, data / "model")
-        _write_news_table(dataset, data / "news")
+        _write_news_table(model_dir, dataset, data / "news")
         example_ids = list(dataset.news_idx_to_id[1:4])
         example = pd.DataFrame({"history": [" ".join(example_ids[:2])], "candidates": [" ".join(example_ids)]})
         scorer = _load_pyfunc(str(data))
@@ -274,7 +278,7 @@ class PyfuncScorer:
     def __init__(self, data_path: Path) -> None:
         import torch
 
-        from newsrec.models.io import load_model
+        from newsrec.inference.model_io import load_model
 
         self.loaded = load_model(data_path / "model")
         history_len = self.loaded.config.data.history_len
@@ -282,16 +286,7 @@ class PyfuncScorer:
         news = data_path / "news"
         ids = json.loads((news / "news_ids.json").read_text(encoding="utf-8"))
         self.id_to_idx = {news_id: i + 1 for i, news_id in enumerate(ids)}
-        tokens = torch.from_numpy(np.load(news / "title_tokens.npy").astype(np.int64))
-        category = torch.from_numpy(np.load(news / "category.npy"))
-        subcategory = torch.from_numpy(np.load(news / "subcategory.npy"))
-        model = self.loaded.model
-        vectors = [torch.zeros(1, model.news_dim)]
-        with torch.inference_mode():
-            for start in range(1, tokens.shape[0], 1024):
-                stop = min(start + 1024, tokens.shape[0])
-                vectors.append(model.encode_news(tokens[start:stop], category[start:stop], subcategory[start:stop]))
-        self.news_vectors = torch.cat(vectors)  # [n_news + 1, D], row 0 = padding
+        self.news_vectors = torch.from_numpy(np.load(news / "news_vectors.npy"))  # [n_news + 1, D], row 0 = padding
 
     def _indices(self, text: Any, row: int, column: str) -> list[int]:
         ids = text.split() if isinstance(text, str) else list(text)

@@ -16,24 +16,27 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from newsrec.config import Config, config_from_yaml_text
+from newsrec.data import schema
+from newsrec.data.artifact import DatasetArtifact
+from newsrec.data.features import NewsFeatures, entity_table, news_features
 from newsrec.errors import ArtifactError, ConfigError
+from newsrec.models.inputs import NewsInputs
 from newsrec.models.recommender import NewsRecommender
 from newsrec.utils.io import atomic_file, atomic_path, read_manifest, sha256_file, write_json
-
-if TYPE_CHECKING:  # models take a dataset artifact by its interface; they import nothing of data
-    from newsrec.data.artifact import DatasetArtifact
 
 MODEL_SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "model.json"
+TEXT_STATISTICS_NEWS = 2048  # news whose PLM states set the model's per-dimension standardisation
 
 
 @dataclass
@@ -47,29 +50,62 @@ class LoadedModel:
     model_dir: Path
 
 
-def build_model(config: Config, dataset: "DatasetArtifact") -> NewsRecommender:
-    """A freshly initialised model sized for ``dataset`` (vocabulary, categories, GloVe vectors)."""
-    return NewsRecommender(
-        config.model,
+def build_model(config: Config, dataset: DatasetArtifact, features: NewsFeatures | None = None) -> NewsRecommender:
+    """A freshly initialised model sized for ``dataset`` (vocabulary, categories, GloVe vectors, entity
+    table) and, with ``text_encoder=plm``, for the backbone of ``features`` (opened when not given)."""
+    mc = config.model
+    if features is None:
+        features = news_features(dataset, config)
+    table = features.entity_table
+    plm_layers = None
+    if mc.text_encoder == "plm" and mc.plm_finetune_layers:
+        plm_layers = features.backbone().top_layers()
+    model = NewsRecommender(
+        mc,
         vocab_size=dataset.vocab_size,
         n_categories=len(dataset.categories["category"]),
         n_subcategories=len(dataset.categories["subcategory"]),
-        word_vectors=dataset.word_vectors,
+        word_vectors=dataset.word_vectors if mc.text_encoder == "words" else None,
         max_history=config.data.history_len,
+        n_entities=len(table.ids) if table is not None else 0,
+        entity_vectors=table.vectors if table is not None else None,
+        plm_dim=int(features.plm.get("dim", 0)),
+        plm_layers=plm_layers,
     )
+    model.plm_fingerprint = features.plm_fingerprint
+    if mc.text_encoder == "plm":
+        sample = np.random.default_rng(mc.plm_max_len).choice(
+            np.arange(1, features.n_rows), size=min(TEXT_STATISTICS_NEWS, features.n_rows - 1), replace=False)
+        inputs = NewsInputs.from_arrays(features.gather(np.sort(sample)))
+        model.news_encoder.set_text_statistics(inputs.text_states, inputs.text_mask)
+    return model
 
 
-def _dataset_identity(dataset: "DatasetArtifact") -> dict[str, Any]:
+def _news_input_identity(model: NewsRecommender, dataset: DatasetArtifact, config: Config) -> dict[str, Any]:
+    """What the model's news inputs depend on beyond the vocabulary: the PLM and the entity table."""
+    out: dict[str, Any] = {"text_encoder": config.model.text_encoder}
+    if config.model.text_encoder == "plm":
+        out["plm"] = {"name": config.model.plm_name, "fingerprint": model.plm_fingerprint,
+                      "dim": model.plm_dim}
+    if config.model.use_entities:
+        emb = model.news_encoder.entity_embedding
+        table = entity_table(dataset)
+        out["entities"] = {"count": int(emb.num_embeddings), "dim": int(emb.embedding_dim),
+                           "sha256": table.sha256, "pretrained": table.vectors is not None}
+    return out
+
+
+def _dataset_identity(dataset: DatasetArtifact) -> dict[str, Any]:
     return {
         "vocab_size": dataset.vocab_size,
-        "vocab_sha256": dataset.file_sha256("vocab"),
-        "categories_sha256": dataset.file_sha256("categories"),
+        "vocab_sha256": sha256_file(dataset.root / schema.VOCAB),
+        "categories_sha256": sha256_file(dataset.root / schema.CATEGORIES),
         "n_categories": len(dataset.categories["category"]),
         "n_subcategories": len(dataset.categories["subcategory"]),
     }
 
 
-def save_model(out_dir: str | Path, model: NewsRecommender, config: Config, *, dataset: "DatasetArtifact",
+def save_model(out_dir: str | Path, model: NewsRecommender, config: Config, *, dataset: DatasetArtifact,
                extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (trained on ``dataset`` with ``config``) to ``out_dir``; returns the folder."""
     out_dir = Path(out_dir)
@@ -87,10 +123,11 @@ def save_model(out_dir: str | Path, model: NewsRecommender, config: Config, *, d
         "n_params": model.n_params(),
         **_dataset_identity(dataset),
         "title_len": dataset.title_len,
+        **_news_input_identity(model, dataset, config),
         "weights_sha256": sha256_file(out_dir / WEIGHTS_FILE),
         "dataset": {
             "path": str(dataset.root.resolve()),
-            "manifest_sha256": dataset.file_sha256("manifest"),
+            "manifest_sha256": sha256_file(dataset.root / schema.MANIFEST),
         },
         "extra": dict(extra or {}),
     }
@@ -122,10 +159,27 @@ def load_model(model_dir: str | Path, *, map_location: str | torch.device = "cpu
         state = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{weights_path}: unreadable weights ({exc})") from None
-    model = NewsRecommender(config.model, vocab_size=int(manifest["vocab_size"]),
+    mc = config.model
+    plm = manifest.get("plm") or {}
+    entities = manifest.get("entities") or {}
+    if mc.text_encoder == "plm" and not plm.get("fingerprint"):
+        raise ArtifactError(f"{manifest_path}: a PLM model without the fingerprint of its backbone; train it again")
+    plm_layers = None
+    if mc.text_encoder == "plm" and mc.plm_finetune_layers:
+        from newsrec.data.plm import TextBackbone
+
+        backbone = TextBackbone(mc.plm_name, max_len=mc.plm_max_len, finetune_layers=mc.plm_finetune_layers)
+        if backbone.fingerprint != plm["fingerprint"]:
+            raise ArtifactError(f"{mc.plm_name}: differs from the PLM the model at {model_dir} was trained "
+                                f"with; point model.plm_name at the original weights")
+        plm_layers = backbone.top_layers()
+    model = NewsRecommender(mc, vocab_size=int(manifest["vocab_size"]),
                             n_categories=int(manifest["n_categories"]),
                             n_subcategories=int(manifest["n_subcategories"]),
-                            max_history=config.data.history_len)
+                            max_history=config.data.history_len,
+                            n_entities=int(entities.get("count", 0)), entity_dim=entities.get("dim"),
+                            plm_dim=int(plm.get("dim", 0)), plm_layers=plm_layers)
+    model.plm_fingerprint = plm.get("fingerprint")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -136,13 +190,17 @@ def load_model(model_dir: str | Path, *, map_location: str | torch.device = "cpu
     return LoadedModel(model=model, config=config, manifest=manifest, model_dir=model_dir)
 
 
-def check_compatible(manifest: dict[str, Any], dataset: "DatasetArtifact") -> None:
+def check_compatible(manifest: dict[str, Any], dataset: DatasetArtifact) -> None:
     """Raise ArtifactError if ``dataset``'s vocabulary or categories differ from the model's
     (``manifest`` = a loaded model's model.json)."""
     have = _dataset_identity(dataset)
     wrong = [f"{k} {have[k]!r} vs the model's {manifest.get(k)!r}" for k in
              ("vocab_size", "vocab_sha256", "n_categories", "n_subcategories", "categories_sha256")
              if k in manifest and manifest[k] != have[k]]
+    if manifest.get("entities"):
+        table = entity_table(dataset)
+        if table.sha256 != manifest["entities"].get("sha256"):
+            wrong.append(f"entity table of {len(table.ids)} entities differs from the model's")
     if wrong:
         trained_on = manifest.get("dataset", {}).get("path", "another dataset")
         raise ArtifactError(f"{dataset.root}: not compatible with the model (trained on {trained_on}): "
