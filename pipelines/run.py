@@ -114,14 +114,17 @@ def _run_stages(config: Config, root: Path, runner: StageRunner, echo: Callable[
                    fn=lambda: _fit_info(fit(mhsa_config, data_dir=data_dir, out_dir=mhsa_dir)))
         models[BASELINE] = mhsa_dir
 
+    def rerank_stage(name: str, stage_config: Config, retriever: Path) -> Path:
+        out = root / "models" / name.replace("rerank", "reranker")
+        runner.run(name, output=out, inputs=[data_dir, retriever], tracked=False,
+                   settings=_settings(stage_config, "rerank"),
+                   fn=lambda: _info(fit_reranker(stage_config, retriever_dir=retriever, data_dir=data_dir,
+                                                 out_dir=out)))
+        return out
+
     reranker_dir = None
     if pcfg.rerank:
-        reranker_dir = root / "models" / "reranker"
-        runner.run("rerank", output=reranker_dir, inputs=[data_dir, model_dir], tracked=False,
-                   settings=_settings(config, "rerank"),
-                   fn=lambda: _info(fit_reranker(config, retriever_dir=model_dir, data_dir=data_dir,
-                                                 out_dir=reranker_dir)))
-        paths["reranker"] = reranker_dir
+        reranker_dir = paths["reranker"] = rerank_stage("rerank", config, model_dir)
 
     # ---- evaluate every model on dev (metrics logged into each model's run)
     metrics_dir = root / "metrics"
@@ -144,12 +147,7 @@ def _run_stages(config: Config, root: Path, runner: StageRunner, echo: Callable[
                    fn=lambda: _fit_info(fit(final_config, data_dir=data_dir, out_dir=final_dir)))
         model_dir = paths["final_model"] = final_dir
         if pcfg.rerank:
-            final_reranker = root / "models" / "reranker_final"
-            runner.run("rerank_final", output=final_reranker, inputs=[data_dir, final_dir], tracked=False,
-                       settings=_settings(final_config, "rerank"),
-                       fn=lambda: _info(fit_reranker(final_config, retriever_dir=final_dir, data_dir=data_dir,
-                                                     out_dir=final_reranker)))
-            reranker_dir = paths["final_reranker"] = final_reranker
+            reranker_dir = paths["final_reranker"] = rerank_stage("rerank_final", final_config, final_dir)
 
     # ---- serving index, batch scores, leaderboard file
     index_dir = root / "index"

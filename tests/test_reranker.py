@@ -91,12 +91,12 @@ def test_prefix_counts_exclude_the_impression_itself_and_later_ones():
 def test_event_log_counts_strictly_before_each_moment():
     """EventLog (labels of part of the log, showings of all of it) against a brute-force count,
     for moments inside the labelled part, after it, and news it never saw."""
-    from newsrec.inference.features import concat_impressions
+    from newsrec.data.artifact import concat_impressions
 
     labelled = _impressions(["2019-11-10T08:00:00", "2019-11-10T09:00:00", "2019-11-10T09:00:00"],
                             [[1, 2], [1, 3], [2]], [[1, 0], [0, 1], [1]])
     later = _impressions(["2019-11-10T10:00:00", "2019-11-10T11:00:00"], [[1, 4], [2, 4]], [[0, 0], [1, 0]])
-    log = EventLog(labelled, concat_impressions([labelled, later]))
+    log = EventLog(labelled, concat_impressions([labelled, later], split="log", drop_mixed_labels=True))
     events = [(n, t, y, lab) for imps, lab in ((labelled, True), (later, False))
               for i in range(len(imps)) for n, y in zip(imps.candidates_of(i), imps.labels_of(i))
               for t in [imps.time[i].astype("datetime64[s]").astype(np.int64)]]
@@ -375,14 +375,15 @@ def test_two_stage_beats_first_stage_on_popularity(trained):
 def _slice_log(root: Path):
     """(dataset, train impressions, the time slices, the log the re-ranker learned in) of the
     fixture, rebuilt the way ``fit_reranker`` builds them."""
-    from newsrec.inference.features import concat_impressions
+    from newsrec.data.artifact import concat_impressions
     from newsrec.train.rerank import time_slices
 
     dataset = open_dataset(root / "data")
     train = dataset.impressions("train")
     cfg = _config().rerank
     parts = time_slices(train.time, train_fraction=cfg.train_fraction, guard_fraction=cfg.guard_fraction)
-    log = EventLog(train.select(parts.early), concat_impressions([dataset.impressions(s) for s in dataset.splits]))
+    shown = concat_impressions([dataset.impressions(s) for s in dataset.splits], split="log", drop_mixed_labels=True)
+    log = EventLog(train.select(parts.early), shown)
     return dataset, train, parts, log
 
 

@@ -71,13 +71,17 @@ class Impressions:
                            h_val, h_off, c_val, c_off, lab)
 
 
-def concat_impressions(parts: list[Impressions], *, split: str | None = None) -> Impressions:
+def concat_impressions(parts: list[Impressions], *, split: str | None = None,
+                       drop_mixed_labels: bool = False) -> Impressions:
     """The rows of ``parts`` one after another, as one Impressions named ``split`` (default: the
-    parts' names joined by "+"). Either every part has labels or none has."""
+    parts' names joined by "+"). Either every part has labels or none has; with
+    ``drop_mixed_labels`` a mix is allowed and the result has no labels (a log of showings)."""
     if not parts:
         raise ValueError("concat_impressions needs at least one Impressions")
     labelled = {p.has_labels for p in parts}
-    if len(labelled) > 1:
+    if len(labelled) > 1 and drop_mixed_labels:
+        labelled = {False}
+    elif len(labelled) > 1:
         names = ", ".join(f"{p.split} ({'labelled' if p.has_labels else 'unlabelled'})" for p in parts)
         raise ArtifactError(f"cannot concatenate labelled and unlabelled impressions: {names}")
 

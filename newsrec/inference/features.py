@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from newsrec.data.artifact import DatasetArtifact, Impressions
+from newsrec.data.artifact import DatasetArtifact, Impressions, concat_impressions
 from newsrec.data.popularity import (PrefixCounts, datetime64_to_seconds, first_seen_seconds,
                                      mean_ctr_of, shrunk_ctr)
 
@@ -107,27 +107,6 @@ class LogCounts(Protocol):
         ...
 
 
-def concat_impressions(parts: list[Impressions], split: str = "log") -> Impressions:
-    """Several splits' impressions as one (rows in the given order; labels kept only when every
-    part has them)."""
-    def csr(values: list[np.ndarray], offsets: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        out = [np.zeros(1, dtype=np.int64)]
-        base = 0
-        for off in offsets:
-            out.append(off[1:] + base)
-            base += int(off[-1])
-        return np.concatenate(values) if values else np.zeros(0, np.int32), np.concatenate(out)
-
-    hist, hist_off = csr([p.history for p in parts], [p.history_offsets for p in parts])
-    cand, cand_off = csr([p.candidates for p in parts], [p.candidate_offsets for p in parts])
-    labels = (np.concatenate([p.labels for p in parts]) if parts and all(p.labels is not None for p in parts)
-              else None)
-    return Impressions(split=split, impression_id=np.concatenate([p.impression_id for p in parts]),
-                       user_id=np.concatenate([p.user_id for p in parts]),
-                       time=np.concatenate([p.time for p in parts]), history=hist, history_offsets=hist_off,
-                       candidates=cand, candidate_offsets=cand_off, labels=labels)
-
-
 class EventLog:
     """What a log tells strictly before any moment: ``labelled`` impressions (their clicks and
     showings; the part of the log whose labels may be used) and ``shown`` impressions (every
@@ -164,7 +143,7 @@ class EventLog:
         """The log of a dataset artifact: labels of the train split, showings of every split."""
         opened = opened or {}
         parts = {s: opened[s] if s in opened else dataset.impressions(s) for s in dataset.splits}
-        return cls(parts["train"], concat_impressions(list(parts.values())))
+        return cls(parts["train"], concat_impressions(list(parts.values()), split="log", drop_mixed_labels=True))
 
     def counts(self, news_idx: np.ndarray, now_seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         news_idx = np.asarray(news_idx, dtype=np.int64)

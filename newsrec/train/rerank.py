@@ -42,10 +42,10 @@ import torch.nn.functional as F
 
 from newsrec.config import Config
 from newsrec.data import schema
-from newsrec.data.artifact import DatasetArtifact, Impressions, open_dataset
+from newsrec.data.artifact import DatasetArtifact, Impressions, concat_impressions, open_dataset
 from newsrec.data.popularity import datetime64_to_seconds, unseen_in_train
 from newsrec.errors import ArtifactError, NewsrecError
-from newsrec.inference.features import (FEATURE_NAMES, EventLog, LogCounts, concat_impressions, news_tables,
+from newsrec.inference.features import (FEATURE_NAMES, EventLog, LogCounts, news_tables,
                                         padded_candidates, padded_histories, right_padded)
 from newsrec.inference.rerank import LoadedReranker, save_reranker
 from newsrec.models.reranker import Reranker
@@ -458,7 +458,8 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
         parts = time_slices(all_train.time, train_fraction=rcfg.train_fraction, guard_fraction=rcfg.guard_fraction)
         # the log the re-ranker learns in: labels before its slice, showings of every split
         train_log = EventLog(all_train.select(parts.early), concat_impressions(
-            [opened[s] if s in opened else dataset.impressions(s) for s in dataset.splits]))
+            [opened[s] if s in opened else dataset.impressions(s) for s in dataset.splits], split="log",
+            drop_mixed_labels=True))
 
         news_vectors = encode_all_news(retriever.model.to(device), dataset, batch_size=batch_eval,
                                        device=device).detach().float().cpu()
