@@ -123,7 +123,7 @@ class PrefixCounts:
             raise ConfigError(f"split '{impressions.split}' has no labels: popularity needs clicks")
         counts = impressions.candidate_counts
         event_news = impressions.candidates.astype(np.int64)
-        event_sec = np.repeat(_whole_seconds(impressions.time), counts)
+        event_sec = np.repeat(whole_seconds(impressions.time), counts)
         event_click = (impressions.labels.astype(np.int64) if clicks
                        else np.zeros(len(event_news), dtype=np.int64))
         self._t0 = int(event_sec.min()) if len(event_sec) else 0
@@ -157,11 +157,11 @@ class PrefixCounts:
     def for_candidates(self, impressions: Impressions) -> tuple[np.ndarray, np.ndarray]:
         """(clicks, impressions) aligned with ``impressions.candidates``, each counted over events
         strictly before that impression's time."""
-        sec = np.repeat(_whole_seconds(impressions.time), impressions.candidate_counts)
+        sec = np.repeat(whole_seconds(impressions.time), impressions.candidate_counts)
         return self.at(impressions.candidates, sec)
 
 
-def _whole_seconds(times: np.ndarray) -> np.ndarray:
+def whole_seconds(times: np.ndarray) -> np.ndarray:
     """datetime64 [n] -> int64 whole seconds since the epoch (floored)."""
     return times.astype("datetime64[s]").astype(np.int64)
 

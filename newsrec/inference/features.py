@@ -22,7 +22,7 @@ import numpy as np
 
 from newsrec.data.artifact import DatasetArtifact, Impressions, concat_impressions
 from newsrec.data.popularity import (PrefixCounts, datetime64_to_seconds, first_seen_seconds,
-                                     mean_ctr_of, shrunk_ctr)
+                                     mean_ctr_of, shrunk_ctr, whole_seconds)
 
 FEATURE_NAMES = (
     "retrieval_score",
@@ -123,8 +123,8 @@ class EventLog:
         self._labelled = labelled
         self._shown = shown
         self.mean_ctr = mean_ctr_of(int(labelled.labels.sum()), len(labelled.candidates))
-        lab_sec = _whole_seconds(labelled.time)
-        shown_sec = _whole_seconds(shown.time)
+        lab_sec = whole_seconds(labelled.time)
+        shown_sec = whole_seconds(shown.time)
         self.labels_end = int(lab_sec.max()) + 1 if len(lab_sec) else -(1 << 62)  # every label is before
         ends = [int(t.max()) for t in (lab_sec, shown_sec) if len(t)]
         self.end_seconds = float(max(ends)) if ends else 0.0
@@ -168,10 +168,6 @@ class EventLog:
         late = np.bincount(self._shown.candidates, minlength=size)[:size].astype(np.int64)
         pad = max(size - self._size, 0)
         return (np.pad(self._clicks, (0, pad))[:size], np.pad(self._labelled_shown, (0, pad))[:size], late)
-
-
-def _whole_seconds(times: np.ndarray) -> np.ndarray:
-    return times.astype("datetime64[s]").astype(np.int64)
 
 
 @dataclass
