@@ -67,6 +67,11 @@ class ModelConfig:
     max_entities: int = 5  # entities read per title
     entity_dim: int = 100  # width of learned entity embeddings (ingested vectors keep theirs)
     news_views: str = "sum"  # combine title/category/entity vectors: "sum" | "attention" (NAML)
+    # a wide part in the dot product: the user side holds the history's category and subcategory
+    # log-lift over their base rates, the news side its one-hot category and subcategory, each block
+    # under a learned weight (docs/decisions.md: why, and what it costs in vector width)
+    category_lift: bool = False
+    category_lift_smoothing: float = 0.01  # a in log((share + a) / (base + a))
 
     def __post_init__(self) -> None:
         _choice(self, "encoder", ("fastformer", "mhsa"))
@@ -75,6 +80,8 @@ class ModelConfig:
         _positive(self, "embedding_dim", "hidden_size", "num_heads", "num_layers", "pooling_hidden",
                   "plm_max_len", "plm_batch_size", "max_entities", "entity_dim")
         _non_negative(self, "user_num_layers", "plm_finetune_layers")
+        if not self.category_lift_smoothing > 0:
+            raise ConfigError(f"model.category_lift_smoothing={self.category_lift_smoothing} must be > 0")
         if not 0.0 <= self.word_dropout < 1.0:
             raise ConfigError(f"model.word_dropout={self.word_dropout} must be in [0, 1)")
         if self.text_encoder == "plm":

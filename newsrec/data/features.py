@@ -189,6 +189,30 @@ def news_features(dataset: Any, config: Config | ModelConfig, *, plm_fingerprint
     return features
 
 
+def category_base_rates(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+    """float64 [n_categories], [n_subcategories]: each category's (subcategory's) share of the
+    clicks in the train split's histories (one per impression showing the history); without any
+    history click, of the train split's showings; uniform without either. History is not a label:
+    these are known for every split at ingest."""
+    category, subcategory = dataset.news_categories
+    news = dataset.news
+    idx = news["news_idx"].to_numpy().astype(np.int64)
+    weight = np.zeros(dataset.n_news + 1, dtype=np.float64)
+    weight[idx] = news["train_history_clicks"].fill_null(0).to_numpy()
+    if weight.sum() <= 0:
+        weight[idx] = news["train_impressions"].fill_null(0).to_numpy()
+    n_cat = max(len(dataset.categories.get("category", [])), int(category.max()) + 1)
+    n_sub = max(len(dataset.categories.get("subcategory", [])), int(subcategory.max()) + 1)
+    return _base_rates(category, weight, n_cat), _base_rates(subcategory, weight, n_sub)
+
+
+def _base_rates(keys: np.ndarray, weights: np.ndarray, n_keys: int) -> np.ndarray:
+    total = float(weights.sum())
+    if total <= 0:
+        return np.full(n_keys, 1.0 / max(n_keys, 1))
+    return np.bincount(keys, weights=weights, minlength=n_keys) / total
+
+
 def _titles_by_index(dataset: Any) -> list[str]:
     """Titles in news_idx order (index 0 = news_idx 1)."""
     news = dataset.news.sort("news_idx")

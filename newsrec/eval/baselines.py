@@ -32,6 +32,7 @@ import polars as pl
 
 from newsrec.config import BaselineConfig
 from newsrec.data.artifact import DatasetArtifact, Impressions, _take_csr
+from newsrec.data.features import category_base_rates
 from newsrec.data.popularity import PrefixCounts, news_counts_from_artifact, shrunk_ctr
 from newsrec.errors import ConfigError, NewsrecError
 from newsrec.eval import metrics as M
@@ -78,27 +79,14 @@ class NewsTables:
     n_entities: int
 
 
-def _base_rates(keys: np.ndarray, weights: np.ndarray, n_keys: int) -> np.ndarray:
-    total = float(weights.sum())
-    if total <= 0:
-        return np.full(n_keys, 1.0 / max(n_keys, 1))
-    return np.bincount(keys, weights=weights, minlength=n_keys) / total
-
-
 def news_tables(dataset: DatasetArtifact) -> NewsTables:
     """Category, base rates and entities of every news of ``dataset``.
 
-    Base rates weigh each news by its clicks in train histories (``train_history_clicks``, one per
-    impression showing the history); without any history click, by its train showings."""
+    Base rates: ``newsrec.data.features.category_base_rates``."""
     category, subcategory = dataset.news_categories
+    base_category, base_subcategory = category_base_rates(dataset)
     news = dataset.news
     idx = news["news_idx"].to_numpy().astype(np.int64)
-    weight = np.zeros(dataset.n_news + 1, dtype=np.float64)
-    weight[idx] = news["train_history_clicks"].fill_null(0).to_numpy()
-    if weight.sum() <= 0:
-        weight[idx] = news["train_impressions"].fill_null(0).to_numpy()
-    n_cat = max(len(dataset.categories.get("category", [])), int(category.max()) + 1)
-    n_sub = max(len(dataset.categories.get("subcategory", [])), int(subcategory.max()) + 1)
 
     entities = news.select(
         pl.col("news_idx"),
@@ -111,8 +99,7 @@ def news_tables(dataset: DatasetArtifact) -> NewsTables:
     offsets = np.zeros(dataset.n_news + 2, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return NewsTables(category=category, subcategory=subcategory,
-                      base_category=_base_rates(category, weight, n_cat),
-                      base_subcategory=_base_rates(subcategory, weight, n_sub),
+                      base_category=base_category, base_subcategory=base_subcategory,
                       entity_values=np.asarray(codes, dtype=np.int64), entity_offsets=offsets,
                       n_entities=len(uniques))
 

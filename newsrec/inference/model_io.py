@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from newsrec.config import Config, config_from_yaml_text
 from newsrec.data import schema
 from newsrec.data.artifact import DatasetArtifact
-from newsrec.data.features import NewsFeatures, entity_table, news_features
+from newsrec.data.features import NewsFeatures, category_base_rates, entity_table, news_features
 from newsrec.errors import ArtifactError, ConfigError
 from newsrec.models.inputs import NewsInputs
 from newsrec.models.recommender import NewsRecommender
@@ -71,6 +71,7 @@ def build_model(config: Config, dataset: DatasetArtifact, features: NewsFeatures
         entity_vectors=table.vectors if table is not None else None,
         plm_dim=int(features.plm.get("dim", 0)),
         plm_layers=plm_layers,
+        **_lift_bases(mc, dataset),
     )
     model.plm_fingerprint = features.plm_fingerprint
     if mc.text_encoder == "plm":
@@ -79,6 +80,13 @@ def build_model(config: Config, dataset: DatasetArtifact, features: NewsFeatures
         inputs = NewsInputs.from_arrays(features.gather(np.sort(sample)))
         model.news_encoder.set_text_statistics(inputs.text_states, inputs.text_mask)
     return model
+
+
+def _lift_bases(mc: Any, dataset: DatasetArtifact) -> dict[str, np.ndarray]:
+    if not mc.category_lift:
+        return {}
+    category_base, subcategory_base = category_base_rates(dataset)
+    return {"category_base": category_base, "subcategory_base": subcategory_base}
 
 
 def _news_input_identity(model: NewsRecommender, dataset: DatasetArtifact, config: Config) -> dict[str, Any]:

@@ -14,6 +14,66 @@ from newsrec.models.encoders import UNK_WORD_ID, NewsEncoder, UserEncoder
 from newsrec.models.inputs import NewsInputs
 
 
+class CategoryLift(nn.Module):
+    """The wide part of the dot product: how much more often than usual a history clicks the
+    candidate's category and subcategory, as a block of the user and news vectors.
+
+    News side: the one-hot category ``[n_cat]`` and subcategory ``[n_sub]`` (fixed, not learned).
+    User side: for every category ``k``, ``w_cat · log((share_k + a) / (base_k + a))`` where
+    ``share_k`` is the fraction of the history's clicks in ``k`` and ``base_k`` the fraction of all
+    history clicks of the training log in ``k`` (buffers, saved with the weights); likewise
+    subcategories with ``w_sub``. Their dot product is the hand-made share-lift score under learned
+    weights, so the deep part only has to learn what the categories do not already say. The unknown
+    category (index 0) and an empty history contribute 0.
+    """
+
+    def __init__(self, n_categories: int, n_subcategories: int, *, smoothing: float,
+                 category_base: np.ndarray | None = None, subcategory_base: np.ndarray | None = None) -> None:
+        super().__init__()
+        self.n_categories = n_categories
+        self.n_subcategories = n_subcategories
+        self.smoothing = smoothing
+        self.register_buffer("category_base", _base_buffer(category_base, n_categories))
+        self.register_buffer("subcategory_base", _base_buffer(subcategory_base, n_subcategories))
+        self.weight = nn.Parameter(torch.ones(2))
+
+    @property
+    def width(self) -> int:
+        return self.n_categories + self.n_subcategories
+
+    def news_block(self, category: Tensor, subcategory: Tensor) -> Tensor:
+        """``category``/``subcategory [B]`` int64 → ``[B, n_cat + n_sub]`` one-hot rows."""
+        return torch.cat([nn.functional.one_hot(category.clamp(0, self.n_categories - 1), self.n_categories),
+                          nn.functional.one_hot(subcategory.clamp(0, self.n_subcategories - 1),
+                                                self.n_subcategories)], dim=-1).float()
+
+    def user_block(self, history_blocks: Tensor, history_mask: Tensor) -> Tensor:
+        """``history_blocks [B, N, n_cat + n_sub]`` (the clicks' news blocks), ``history_mask [B, N]``
+        → ``[B, n_cat + n_sub]`` weighted log-lifts (0 for an empty history and the unknown keys)."""
+        keep = history_mask.to(history_blocks.dtype).unsqueeze(-1)
+        counts = (history_blocks * keep).sum(dim=1)  # (B, n_cat + n_sub)
+        length = keep.sum(dim=1).clamp(min=1.0)  # (B, 1)
+        share = counts / length
+        a = self.smoothing
+        base = torch.cat([self.category_base, self.subcategory_base]).to(share.dtype)
+        lift = torch.log((share + a) / (base + a))
+        known = torch.ones_like(base)
+        known[0] = 0.0
+        known[self.n_categories] = 0.0
+        weights = torch.cat([self.weight[0].expand(self.n_categories), self.weight[1].expand(self.n_subcategories)])
+        has_click = history_mask.any(dim=1, keepdim=True).to(share.dtype)
+        return lift * known * weights.to(share.dtype) * has_click
+
+
+def _base_buffer(values: np.ndarray | None, n: int) -> Tensor:
+    if values is None:  # filled from saved weights
+        return torch.full((n,), 1.0 / max(n, 1))
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (n,) or not np.isfinite(values).all() or (values < 0).any():
+        raise ValueError(f"category base rates: expected {n} finite non-negative values, got shape {values.shape}")
+    return torch.as_tensor(values, dtype=torch.float32)
+
+
 class NewsRecommender(nn.Module):
     """``encode_news`` → ``[B, D]``, ``encode_user`` → ``[B, D]``, ``score`` → ``[B, C]``; ``D = news_dim``.
 
@@ -25,10 +85,15 @@ class NewsRecommender(nn.Module):
     def __init__(self, cfg: ModelConfig, *, vocab_size: int, n_categories: int, n_subcategories: int,
                  word_vectors: np.ndarray | None = None, max_history: int = 50, n_entities: int = 0,
                  entity_vectors: np.ndarray | None = None, entity_dim: int | None = None, plm_dim: int = 0,
-                 plm_layers: nn.Module | None = None) -> None:
+                 plm_layers: nn.Module | None = None, category_base: np.ndarray | None = None,
+                 subcategory_base: np.ndarray | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.news_dim = cfg.hidden_size
+        self.deep_dim = cfg.hidden_size
+        self.category_lift = (CategoryLift(n_categories, n_subcategories, smoothing=cfg.category_lift_smoothing,
+                                           category_base=category_base, subcategory_base=subcategory_base)
+                              if cfg.category_lift else None)
+        self.news_dim = cfg.hidden_size + (self.category_lift.width if self.category_lift is not None else 0)
         self.plm_dim = plm_dim
         self.plm_fingerprint: str | None = None  # identity of the PLM whose states it reads (set by io)
         if entity_vectors is not None:
@@ -83,13 +148,21 @@ class NewsRecommender(nn.Module):
             unknown = torch.zeros(news.shape[0], dtype=torch.long, device=news.device)
             news = NewsInputs(category=unknown if category is None else category,
                               subcategory=unknown if subcategory is None else subcategory, title_tokens=news)
-        return self.news_encoder(news)
+        deep = self.news_encoder(news)
+        if self.category_lift is None:
+            return deep
+        block = self.category_lift.news_block(news.category, news.subcategory).to(deep.dtype)
+        return torch.cat([deep, block], dim=-1)
 
     def encode_user(self, history_vectors: Tensor, history_mask: Tensor) -> Tensor:
         """``history_vectors [B, N, D]`` (clicks oldest → newest, padding at the end),
         ``history_mask [B, N]`` bool (True = click) → user vectors ``[B, D]``. A row without
-        clicks gives the learned empty-history vector."""
-        return self.user_encoder(history_vectors, history_mask)
+        clicks gives the learned empty-history vector (and a zero category-lift block)."""
+        if self.category_lift is None:
+            return self.user_encoder(history_vectors, history_mask)
+        deep = self.user_encoder(history_vectors[..., :self.deep_dim], history_mask)
+        wide = self.category_lift.user_block(history_vectors[..., self.deep_dim:].float(), history_mask)
+        return torch.cat([deep, wide.to(deep.dtype)], dim=-1)
 
     def score(self, user_vectors: Tensor, candidate_vectors: Tensor) -> Tensor:
         """``user_vectors [B, D]``, ``candidate_vectors [B, C, D]`` → click scores ``[B, C]`` (dot products)."""
