@@ -21,8 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from newsrec.data.artifact import DatasetArtifact, Impressions, concat_impressions
-from newsrec.data.popularity import (PrefixCounts, datetime64_to_seconds, first_seen_seconds,
-                                     mean_ctr_of, shrunk_ctr, whole_seconds)
+from newsrec.data.popularity import PrefixCounts, first_seen_seconds, mean_ctr_of, shrunk_ctr, whole_seconds
 
 FEATURE_NAMES = (
     "retrieval_score",

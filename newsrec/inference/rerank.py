@@ -14,7 +14,9 @@ A re-ranker directory (``save_reranker``)::
 
 Every score goes through ``newsrec.inference.features.feature_rows``: ``score_impressions`` with
 the log before each impression (an ``EventLog``), ``rerank_many`` (serving) with the log's totals,
-valid for moments after the log's end.
+valid for moments after the log's end. Histories are cut to ``rerank.history_len`` by
+``newsrec.inference.histories``. ``score_impressions_two_stage`` and ``two_stage_scores`` score a
+split's impressions with both stages (``evaluate``, ``submit``, the re-ranker's reports).
 """
 from __future__ import annotations
 
