@@ -176,6 +176,28 @@ def _submission_ranks(path: Path) -> dict[int, list[int]]:
 
 
 # ------------------------------------------------------------------------------------------------
+# the one truncation rule
+
+
+def test_histories_keep_the_most_recent_clicks_as_clicked_and_pad_right():
+    rows = [np.array([4, 7, 4, 9, 4, 2]), np.array([], dtype=np.int64), np.array([3, 3]), np.array([8])]
+    histories = Histories.of_lists(rows)
+    idx, mask = histories.padded(history_len=4)
+    want = [r[-4:] for r in rows]  # an independent slice: the last four, repeats kept
+    assert idx.shape == mask.shape == (4, 4)
+    for b, w in enumerate(want):
+        assert idx[b][mask[b]].tolist() == w.tolist()
+        assert mask[b].tolist() == [True] * len(w) + [False] * (4 - len(w))  # right-padded
+        assert (idx[b][~mask[b]] == 0).all()
+    assert Histories.of_lists([np.array([], dtype=np.int64)]).padded(history_len=4)[0].shape == (1, 1)
+    distinct, of_row = Histories.of_lists(rows + [np.array([1, 3, 3])]).distinct(2)
+    assert of_row.tolist() == [0, 1, 2, 3, 2]  # [3, 3] twice: encoded once
+    assert [distinct.row(j).tolist() for j in range(len(distinct))] == [[4, 2], [], [3, 3], [8]]
+    with pytest.raises(ValueError, match="history_len"):
+        histories.padded(history_len=0)
+
+
+# ------------------------------------------------------------------------------------------------
 # the impressions tell a path that reads histories differently
 
 

@@ -165,7 +165,7 @@ def test_encode_all_news_row0_zero_and_matches_direct_encoding(artifact):
 
 def test_distinct_histories_dedupe_and_keep_most_recent(artifact):
     imps = artifact.impressions("dev")
-    hist, of_impression = Histories.of_impressions(imps).recent(5).distinct()
+    hist, of_impression = Histories.of_impressions(imps).distinct(5)
     assert len(hist) == len({imps.history_of(i, 5).tobytes() for i in range(len(imps))})
     for i in range(len(imps)):
         j = of_impression[i]

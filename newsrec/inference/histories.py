@@ -78,21 +78,23 @@ class Histories:
         gather = np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])
         return Histories(self.values[gather], offsets)
 
-    def distinct(self) -> tuple["Histories", np.ndarray]:
-        """The distinct histories (first occurrence order) and, int64 [n], which one each row is:
-        a user with many impressions and the same history is encoded once."""
+    def distinct(self, history_len: int | None = None) -> tuple["Histories", np.ndarray]:
+        """The distinct histories after cutting each to its most recent ``history_len`` clicks
+        (first occurrence order) and, int64 [n], which one each row is: a user with many
+        impressions and the same history is encoded once. Only the distinct ones are copied."""
+        start, end = recent_bounds(self.offsets, np.arange(len(self)), history_len)
         index_of: dict[bytes, int] = {}
         of_row = np.empty(len(self), dtype=np.int64)
         first_row: list[int] = []
         values = np.ascontiguousarray(self.values)
-        for i, (s, e) in enumerate(zip(self.offsets[:-1].tolist(), self.offsets[1:].tolist())):
+        for i, (s, e) in enumerate(zip(start.tolist(), end.tolist())):
             key = values[s:e].tobytes()
             j = index_of.get(key)
             if j is None:
                 j = index_of[key] = len(first_row)
                 first_row.append(i)
             of_row[i] = j
-        return self.recent(None, np.asarray(first_row, dtype=np.int64)), of_row
+        return self.recent(history_len, np.asarray(first_row, dtype=np.int64)), of_row
 
     def padded(self, rows: np.ndarray | None = None, *, history_len: int | None) -> tuple[np.ndarray, np.ndarray]:
         """The most recent ``history_len`` clicks of each of ``rows`` (default: every row),

@@ -129,7 +129,7 @@ def score_histories(model: nn.Module, news_vectors: Tensor, histories: Histories
     """Click scores float32 [M] of ``candidates`` (flat, ``candidate_counts`` [n] per history) for
     ``histories`` [n]: each distinct (truncated) history is encoded once, then one ``model.score``
     per candidate."""
-    distinct, of_row = histories.recent(history_len).distinct()
+    distinct, of_row = histories.distinct(history_len)
     user_vectors = encode_users(model, news_vectors, distinct, history_len=None, batch_size=batch_size,
                                 show_progress=show_progress)
     user_of_candidate = np.repeat(of_row, np.asarray(candidate_counts, dtype=np.int64))
@@ -139,7 +139,7 @@ def score_histories(model: nn.Module, news_vectors: Tensor, histories: Histories
 def encode_impression_users(model: nn.Module, news_vectors: Tensor, impressions: Impressions, *,
                             history_len: int, batch_size: int = 1024, show_progress: bool = False) -> Tensor:
     """User vectors float32 [n_impressions, D], one per impression (distinct histories encoded once)."""
-    distinct, of_row = Histories.of_impressions(impressions).recent(history_len).distinct()
+    distinct, of_row = Histories.of_impressions(impressions).distinct(history_len)
     users = encode_users(model, news_vectors, distinct, history_len=None, batch_size=batch_size,
                          show_progress=show_progress)
     return users[torch.from_numpy(of_row).to(users.device)]
