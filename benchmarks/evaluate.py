@@ -21,7 +21,7 @@ from benchmarks.common import format_table, peak_memory, save_figure, use_agg_ba
 from newsrec.config import Config  # noqa: E402
 from newsrec.data.artifact import DatasetArtifact  # noqa: E402
 from newsrec.eval import metrics as M  # noqa: E402
-from newsrec.eval.evaluate import encode_all_news, score_impressions, score_impressions_slow  # noqa: E402
+from newsrec.inference.scoring import encode_all_news, score_impressions, score_impressions_slow  # noqa: E402
 
 
 def ensure_artifact(data: Path) -> DatasetArtifact:

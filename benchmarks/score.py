@@ -20,8 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import format_table, peak_memory, save_figure, use_agg_backend, write_results  # noqa: E402
 from newsrec.config import Config  # noqa: E402
-from newsrec.eval.evaluate import encode_histories  # noqa: E402
 from newsrec.eval.scoring import ExactRetriever  # noqa: E402
+from newsrec.inference.histories import Histories  # noqa: E402
+from newsrec.inference.scoring import encode_users  # noqa: E402
 from newsrec.models.recommender import NewsRecommender  # noqa: E402
 
 
@@ -52,13 +53,8 @@ def main() -> None:
         for lo in range(0, args.users, args.chunk_users):
             hi = min(lo + args.chunk_users, args.users)
             t0 = time.perf_counter()
-            start_h = np.maximum(offsets[lo:hi], offsets[lo + 1:hi + 1] - config.data.history_len)
-            sub_len = offsets[lo + 1:hi + 1] - start_h
-            sub_off = np.zeros(hi - lo + 1, dtype=np.int64)
-            np.cumsum(sub_len, out=sub_off[1:])
-            values = history[np.repeat(start_h - sub_off[:-1], sub_len) + np.arange(sub_off[-1])]
-            users = encode_histories(model, news_vectors, values, sub_off, batch_size=config.train.eval_batch_size,
-                                     show_progress=False)
+            users = encode_users(model, news_vectors, Histories(history, offsets).recent(None, np.arange(lo, hi)),
+                                 history_len=config.data.history_len, batch_size=config.train.eval_batch_size)
             t1 = time.perf_counter()
             exclude = [set(history[offsets[u]:offsets[u + 1]].tolist()) for u in range(lo, hi)]
             found = retriever.search(users.numpy(), args.k, exclude=exclude)

@@ -53,7 +53,7 @@ def padded_service(model_dir: Path, data_dir: Path, reranker_dir: Path | None, *
     """A Recommender whose index holds the artifact's news plus synthetic fresh news up to ``n``."""
     from newsrec.config import IndexConfig
     from newsrec.data.artifact import open_dataset
-    from newsrec.eval.evaluate import encode_all_news
+    from newsrec.inference.scoring import encode_all_news
     from newsrec.inference.model_io import load_model
     from newsrec.inference.rerank import load_reranker
     from newsrec.serve.index import build_index

@@ -36,8 +36,8 @@ from newsrec.data.popularity import unseen_in_train  # noqa: E402
 from newsrec.inference.model_io import load_model  # noqa: E402
 from newsrec.inference.features import EventLog  # noqa: E402
 from newsrec.inference.rerank import load_reranker  # noqa: E402
-from newsrec.train.rerank import (compare_on_impressions, encode_users, evaluate_retrieved,  # noqa: E402
-                                  first_stage_candidate_scores, fit_reranker)
+from newsrec.inference.scoring import score_impressions  # noqa: E402
+from newsrec.train.rerank import compare_on_impressions, evaluate_retrieved, fit_reranker  # noqa: E402
 
 METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10")
 
@@ -96,9 +96,8 @@ def main() -> None:
 
     started = time.perf_counter()
     vectors = torch.from_numpy(reranker.tables.vectors)
-    users = encode_users(retriever.model, vectors, dev, history_len=retriever.config.data.history_len,
-                         batch_size=512, device=torch.device("cpu"))
-    first = first_stage_candidate_scores(retriever.model, users, vectors, dev, batch_size=512)
+    first = score_impressions(retriever.model, None, dev, history_len=retriever.config.data.history_len,
+                              batch_size=512, news_vectors=vectors, show_progress=False)
     first_seconds = time.perf_counter() - started
     started = time.perf_counter()
     log = EventLog.of_dataset(dataset)

@@ -13,8 +13,8 @@ from torch import nn
 from newsrec.config import Config, config_from_dict
 from newsrec.data import schema
 from newsrec.data.artifact import DatasetArtifact
-from newsrec.eval.evaluate import (distinct_histories, encode_all_news, score_impressions,
-                                   score_impressions_slow)
+from newsrec.inference.histories import Histories
+from newsrec.inference.scoring import encode_all_news, score_impressions, score_impressions_slow
 from newsrec.eval.metrics import compute_metrics
 from newsrec.models.inputs import NewsInputs
 from newsrec.utils.io import write_json
@@ -165,10 +165,10 @@ def test_encode_all_news_row0_zero_and_matches_direct_encoding(artifact):
 
 def test_distinct_histories_dedupe_and_keep_most_recent(artifact):
     imps = artifact.impressions("dev")
-    hist = distinct_histories(imps, history_len=5)
+    hist, of_impression = Histories.of_impressions(imps).distinct(5)
     assert len(hist) == len({imps.history_of(i, 5).tobytes() for i in range(len(imps))})
     for i in range(len(imps)):
-        j = hist.of_impression[i]
+        j = of_impression[i]
         np.testing.assert_array_equal(hist.values[hist.offsets[j]:hist.offsets[j + 1]], imps.history_of(i, 5))
     long_rows = [i for i in range(len(imps)) if imps.history_lengths[i] > 5]
     assert long_rows, "fixture must hold histories longer than history_len"

@@ -103,7 +103,8 @@ def test_models_import_nothing_of_data_and_inference_sits_between():
             assert not imported & {"newsrec.data", "newsrec.inference", "newsrec.train", "newsrec.eval",
                                    "newsrec.serve", "newsrec.cli"}, (module, imported)
     inference = [m for m, _ in _modules() if _package_of(m) == "newsrec.inference"]
-    assert {"newsrec.inference.features", "newsrec.inference.rerank"} <= set(inference)
+    assert {"newsrec.inference.features", "newsrec.inference.rerank", "newsrec.inference.histories",
+            "newsrec.inference.scoring", "newsrec.inference.pyfunc"} <= set(inference)
 
 
 def test_the_checker_sees_a_violation(tmp_path):
@@ -116,3 +117,26 @@ def test_the_checker_sees_a_violation(tmp_path):
     names = [n for n, _ in _runtime_imports("newsrec.models.m", path)]
     assert names == ["newsrec.serve.service"]
     assert not any(n.startswith("newsrec.data") for n in names)
+
+
+# The training step batches its own tensors (news of a batch encoded with gradients); everything
+# else that turns news or histories into vectors goes through newsrec.inference.
+TRAINING_STEP = {"newsrec.train.loop", "newsrec.train.batching"}
+
+
+def _encoder_calls(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return [(node.func.attr, node.lineno) for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("encode_news", "encode_user")]
+
+
+def test_only_the_inference_layer_encodes_news_and_users():
+    wrong = []
+    for module, path in _modules():
+        if _package_of(module) in ("newsrec.models", "newsrec.inference") or module in TRAINING_STEP:
+            continue
+        wrong += [f"{path.relative_to(ROOT)}:{line}: calls {name} (use newsrec.inference.scoring)"
+                  for name, line in _encoder_calls(path)]
+    assert not wrong, "\n".join(wrong)
+    assert _encoder_calls(ROOT / "newsrec" / "inference" / "scoring.py")  # the checker sees a call

@@ -18,7 +18,7 @@ from newsrec.data import plm  # noqa: E402
 from newsrec.data.artifact import open_dataset  # noqa: E402
 from newsrec.data.features import news_features  # noqa: E402
 from newsrec.errors import ArtifactError, ConfigError  # noqa: E402
-from newsrec.eval.evaluate import encode_all_news, score_impressions, score_impressions_slow  # noqa: E402
+from newsrec.inference.scoring import encode_all_news, score_impressions, score_impressions_slow  # noqa: E402
 from newsrec.models.inputs import NewsInputs  # noqa: E402
 from newsrec.inference.model_io import build_model, load_model, save_model  # noqa: E402
 from newsrec.train import fit  # noqa: E402

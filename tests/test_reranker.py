@@ -414,7 +414,8 @@ def test_training_and_serving_paths_give_the_same_feature_row(trained):
     """One impression's rows: through the training path (``training_rows``) and through the path
     that scores impressions (``features_for`` on padded impressions, as evaluate and the guard
     do); and, after the log's end, the log replayed equals the serving totals."""
-    from newsrec.inference.features import padded_candidates, padded_histories
+    from newsrec.inference.features import padded_candidates
+    from newsrec.inference.histories import padded_histories
     from newsrec.train.rerank import training_rows
 
     root, _ = trained
@@ -427,7 +428,7 @@ def test_training_and_serving_paths_give_the_same_feature_row(trained):
                           rng=np.random.default_rng(0))
     n = int(imps.candidate_counts[row])
     assert batch["candidate_mask"][0].sum() == n  # the click and every non-click
-    hist, hmask = padded_histories(imps, np.array([row]), max_len=loaded.history_len)
+    hist, hmask = padded_histories(imps, np.array([row]), history_len=loaded.history_len)
     cand, cmask, flat = padded_candidates(imps, np.array([row]))
     served = loaded.features_for(log, history_idx=hist, history_mask=hmask, candidate_idx=cand,
                                  retrieval_scores=data.retrieval[flat][None].astype(np.float64),
@@ -558,7 +559,7 @@ def test_evaluate_follows_rerank_use(trained, tmp_path):
 def test_save_load_round_trip_equals_the_fit(trained):
     from newsrec.eval.metrics import compute_metrics
     from newsrec.inference.model_io import load_model
-    from newsrec.train.rerank import score_impressions_two_stage
+    from newsrec.inference.rerank import score_impressions_two_stage
 
     root, result = trained
     loaded = load_reranker(root / "reranker", retriever_dir=root / "model")
@@ -576,7 +577,7 @@ def test_save_load_round_trip_equals_the_fit(trained):
 def test_rerank_after_the_log_equals_the_replayed_log_and_batches(trained):
     """Serving (``rerank``/``rerank_many``, the log's totals) equals scoring the same impression
     with the log replayed, one user or several at once; times before the log's end are refused."""
-    from newsrec.inference.features import padded_histories
+    from newsrec.inference.histories import padded_histories
 
     root, _ = trained
     loaded = load_reranker(root / "reranker")
@@ -597,7 +598,7 @@ def test_rerank_after_the_log_equals_the_replayed_log_and_batches(trained):
         np.testing.assert_allclose(got, loaded.rerank(h, c, f, now=now), rtol=1e-5, atol=1e-6)
     h, c, f = histories[0], candidates[0], firsts[0]
     imps = _impressions(["2019-11-20T00:00:00"], [c.tolist()], [[0] * len(c)], histories=[h.tolist()])
-    hist, mask = padded_histories(imps, np.array([0]), max_len=loaded.history_len)
+    hist, mask = padded_histories(imps, np.array([0]), history_len=loaded.history_len)
     replayed = loaded.score_batch(full, history_idx=hist, history_mask=mask, candidate_idx=c[None].astype(np.int64),
                                   retrieval_scores=f[None], now_seconds=np.array([end + 60.0]))[0]
     np.testing.assert_allclose(together[0], replayed, rtol=1e-5, atol=1e-6)

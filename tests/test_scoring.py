@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from newsrec.cli import main
 from newsrec.errors import NewsrecError
-from newsrec.eval.evaluate import encode_all_news, score_impressions
+from newsrec.inference.scoring import encode_all_news, score_impressions
 from newsrec.eval.scoring import ExactRetriever, latest_histories, read_scores, score
 from newsrec.inference.model_io import load_model, save_model
 from tests.test_evaluate import _real_model, make_artifact, tiny_config

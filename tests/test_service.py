@@ -79,7 +79,7 @@ def a_user_with_history(dataset: DatasetArtifact, min_len: int = 5, max_len: int
 
 
 def test_index_covers_every_news_with_encoder_vectors(serving_dirs):
-    from newsrec.eval.evaluate import encode_all_news
+    from newsrec.inference.scoring import encode_all_news
     from newsrec.inference.model_io import load_model
 
     index = load_index(serving_dirs.index_dir)

@@ -19,7 +19,8 @@ from newsrec.config import config_from_dict
 from newsrec.data.artifact import open_dataset
 from newsrec.data.ingest import ingest
 from newsrec.errors import DataError
-from newsrec.eval.evaluate import load_for_inference, score_impressions
+from newsrec.eval.evaluate import load_for_inference
+from newsrec.inference.scoring import score_impressions
 from newsrec.eval.submission import (PREDICTION_TXT, artifact_listing, behaviors_listing,
                                      check_submission, submit)
 from tests.mindfiles import BASE_TIME, behaviors_row, news_row, standard_corpus, write_split
@@ -99,7 +100,7 @@ def test_submission_answers_every_line_and_ranks_missing_news_last(setup, tmp_pa
     # the skipped line (bad time) is scored as a user without history: N7, N9, N2 all known
     empty_user = inputs.model.encode_user(torch.zeros(1, 1, inputs.model.news_dim),
                                           torch.zeros(1, 1, dtype=torch.bool))
-    from newsrec.eval.evaluate import encode_all_news
+    from newsrec.inference.scoring import encode_all_news
     vectors = encode_all_news(inputs.model, dataset, show_progress=False)
     ids = dataset.news_id_to_idx
     with torch.no_grad():

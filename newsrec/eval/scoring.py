@@ -32,8 +32,9 @@ import torch
 from newsrec.data import schema
 from newsrec.data.artifact import DatasetArtifact, Impressions
 from newsrec.errors import NewsrecError
-from newsrec.eval.evaluate import (InferenceInputs, encode_all_news, encode_histories, load_for_inference,
-                                   score_impressions)
+from newsrec.eval.evaluate import InferenceInputs, load_for_inference
+from newsrec.inference.histories import Histories
+from newsrec.inference.scoring import encode_all_news, encode_users, score_impressions
 from newsrec.utils.io import atomic_path, read_json, sha256_file, write_json
 from newsrec.utils.progress import progress
 
@@ -101,25 +102,15 @@ class ExactRetriever:
 class LatestHistories:
     """Each user's history at their most recent impression across splits.
 
-    ``user_ids`` object [U] sorted; ``values``/``offsets`` CSR of full histories (news_idx, oldest first).
+    ``user_ids`` object [U] sorted; ``histories``: their full histories (news_idx, oldest first),
+    cut to the model's ``history_len`` only where they are encoded.
     """
 
     user_ids: np.ndarray
-    values: np.ndarray
-    offsets: np.ndarray
-
-    def truncated(self, rows: np.ndarray, history_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """CSR (values, offsets) of ``rows``' most recent ``history_len`` clicks."""
-        end = self.offsets[rows + 1]
-        start = np.maximum(self.offsets[rows], end - history_len)
-        lengths = end - start
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        gather = np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])
-        return self.values[gather], offsets
+    histories: Histories
 
     def full(self, row: int) -> np.ndarray:
-        return self.values[self.offsets[row]:self.offsets[row + 1]]
+        return self.histories.row(row)
 
 
 def latest_histories(dataset: DatasetArtifact) -> LatestHistories:
@@ -153,7 +144,7 @@ def latest_histories(dataset: DatasetArtifact) -> LatestHistories:
         imps = dataset.impressions(split)
         for user_row, imp_row in zip(mine.tolist(), imp_rows.tolist()):
             values[offsets[user_row]:offsets[user_row + 1]] = imps.history_of(imp_row)
-    return LatestHistories(user_ids=user_ids, values=values, offsets=offsets)
+    return LatestHistories(user_ids=user_ids, histories=Histories(values, offsets))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,9 +332,8 @@ class _TopKJob:
         self.n_items = len(users.user_ids)
 
     def run(self, rows: np.ndarray) -> pl.DataFrame:
-        values, offsets = self.users.truncated(rows, self.inputs.history_len)
-        user_vectors = encode_histories(self.inputs.model, self.news_vectors, values, offsets,
-                                        batch_size=self.inputs.batch_size, show_progress=False)
+        user_vectors = encode_users(self.inputs.model, self.news_vectors, self.users.histories.recent(None, rows),
+                                    history_len=self.inputs.history_len, batch_size=self.inputs.batch_size)
         exclude = [set(self.users.full(int(r)).tolist()) for r in rows] if self.exclude_history else None
         found = self.retriever.search(user_vectors.cpu().numpy(), self.k, exclude=exclude)
         keys, scores = np.asarray(found.keys), np.asarray(found.scores, dtype=np.float32)

@@ -392,7 +392,9 @@ def submit(model_dir: str | Path, data_dir: str | Path, *, out: str | Path, spli
     rank, validate and write ``out`` (prediction.zip) atomically."""
     import dataclasses
 
-    from newsrec.eval.evaluate import load_for_inference, rerank_scores, score_impressions
+    from newsrec.eval.evaluate import load_for_inference
+    from newsrec.inference.rerank import two_stage_scores
+    from newsrec.inference.scoring import score_impressions
 
     inputs = load_for_inference(model_dir, data_dir, device=device)
     decision: list[str | None] = [None]
@@ -406,7 +408,9 @@ def submit(model_dir: str | Path, data_dir: str | Path, *, out: str | Path, spli
         scores = first_stage(impressions)
         if reranker is None:
             return scores
-        result = rerank_scores(reranker, inputs, impressions, scores, use=rerank_use, show_progress=show_progress)
+        result = two_stage_scores(reranker, retriever_dir=inputs.model_dir, dataset=inputs.dataset,
+                                  impressions=impressions, first_stage_scores=scores, use=rerank_use,
+                                  device=inputs.device, show_progress=show_progress)
         decision[0] = result.decision
         return result.scores
 

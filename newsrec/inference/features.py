@@ -21,8 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from newsrec.data.artifact import DatasetArtifact, Impressions, concat_impressions
-from newsrec.data.popularity import (PrefixCounts, datetime64_to_seconds, first_seen_seconds,
-                                     mean_ctr_of, shrunk_ctr, whole_seconds)
+from newsrec.data.popularity import PrefixCounts, first_seen_seconds, mean_ctr_of, shrunk_ctr, whole_seconds
 
 FEATURE_NAMES = (
     "retrieval_score",
@@ -243,7 +242,7 @@ def candidate_features(*, retrieval_scores: np.ndarray, clicks: np.ndarray, impr
 
 
 # ------------------------------------------------------------------------------------------------
-# padding
+# padding of candidate lists (histories: newsrec.inference.histories)
 
 
 def right_padded(rows: list[np.ndarray], dtype: Any, *, min_width: int = 0) -> np.ndarray:
@@ -255,23 +254,6 @@ def right_padded(rows: list[np.ndarray], dtype: Any, *, min_width: int = 0) -> n
     if lengths.sum():
         out[mask] = np.concatenate(rows)
     return out
-
-
-def padded_histories(impressions: Impressions, rows: np.ndarray, *, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Most recent ``max_len`` clicks of each impression in ``rows``, right-padded with 0.
-
-    Returns (history_idx int64 [B, N], mask bool [B, N]) with N = the longest kept history (≥ 1).
-    """
-    starts = impressions.history_offsets[rows]
-    ends = impressions.history_offsets[rows + 1]
-    starts = np.maximum(starts, ends - max_len)
-    lengths = ends - starts
-    width = max(int(lengths.max()) if len(rows) else 0, 1)
-    pos = np.arange(width)
-    mask = pos[None, :] < lengths[:, None]
-    hist = np.zeros(mask.shape, dtype=np.int64)
-    hist[mask] = impressions.history[(starts[:, None] + pos[None, :])[mask]]
-    return hist, mask
 
 
 def padded_candidates(impressions: Impressions, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

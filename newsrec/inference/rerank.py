@@ -14,7 +14,9 @@ A re-ranker directory (``save_reranker``)::
 
 Every score goes through ``newsrec.inference.features.feature_rows``: ``score_impressions`` with
 the log before each impression (an ``EventLog``), ``rerank_many`` (serving) with the log's totals,
-valid for moments after the log's end.
+valid for moments after the log's end. Histories are cut to ``rerank.history_len`` by
+``newsrec.inference.histories``. ``score_impressions_two_stage`` and ``two_stage_scores`` score a
+split's impressions with both stages (``evaluate``, ``submit``, the re-ranker's reports).
 """
 from __future__ import annotations
 
@@ -27,11 +29,12 @@ import numpy as np
 import torch
 
 from newsrec.config import RERANK_USE, Config, config_from_yaml_text
-from newsrec.data.artifact import Impressions
+from newsrec.data.artifact import DatasetArtifact, Impressions
 from newsrec.data.popularity import datetime64_to_seconds
 from newsrec.errors import ArtifactError, ConfigError, NewsrecError
-from newsrec.inference.features import (FEATURE_NAMES, LogCounts, LogTotals, NewsTables, feature_rows,
-                                        padded_candidates, padded_histories, right_padded)
+from newsrec.inference.features import (FEATURE_NAMES, EventLog, LogCounts, LogTotals, NewsTables,
+                                        feature_rows, padded_candidates, right_padded)
+from newsrec.inference.histories import Histories
 from newsrec.models.reranker import Reranker, load_weights, save_weights
 from newsrec.utils.io import atomic_dir, read_manifest, sha256_file, write_json
 
@@ -276,14 +279,14 @@ class LoadedReranker:
         nows = nows if nows is not None else [None] * users
         if not (len(candidates) == len(retrieval_scores) == len(nows) == users):
             raise NewsrecError("rerank: one history, candidate list, score list and time per user")
-        hists = [np.asarray(h, dtype=np.int64).reshape(-1)[-self.history_len:] for h in histories]
+        clicks = Histories.of_lists(histories)
         cands = [np.asarray(c, dtype=np.int64).reshape(-1) for c in candidates]
         firsts = [np.asarray(r, dtype=np.float64).reshape(-1) for r in retrieval_scores]
-        for hist, cand, first in zip(hists, cands, firsts):
+        for cand, first in zip(cands, firsts):
             if first.shape != cand.shape:
                 raise NewsrecError(f"rerank: {len(first)} retrieval scores for {len(cand)} candidates")
-            self._check_idx(hist, "history")
             self._check_idx(cand, "candidate")
+        self._check_idx(clicks.recent(self.history_len).values, "history")
         end = self.log_end()
         now_s = np.array([end if now is None else to_seconds(now) for now in nows], dtype=np.float64)
         if (now_s < end).any():
@@ -291,10 +294,10 @@ class LoadedReranker:
                                f"re-ranker's log ({_iso(end)}); its counts would include later showings")
         if max((len(c) for c in cands), default=0) == 0:
             return [np.zeros(0, dtype=np.float32) for _ in range(users)]
-        history_idx = right_padded(hists, np.int64, min_width=1)
+        history_idx, history_mask = clicks.padded(history_len=self.history_len)
         candidate_idx = right_padded(cands, np.int64)  # padding: news 0, its scores dropped
         first_scores = right_padded(firsts, np.float64)
-        scores = self.score_batch(self.totals(), history_idx=history_idx, history_mask=history_idx > 0,
+        scores = self.score_batch(self.totals(), history_idx=history_idx, history_mask=history_mask,
                                   candidate_idx=candidate_idx, retrieval_scores=first_scores, now_seconds=now_s)
         return [scores[b, :len(cand)] for b, cand in enumerate(cands)]
 
@@ -316,6 +319,7 @@ class LoadedReranker:
                                f"{impressions.candidates.shape[0]} candidates")
         self._check_idx(impressions.candidates, "candidate")
         self._check_idx(impressions.history, "history")
+        histories = Histories.of_impressions(impressions)
         batch_size = batch_size or self.config.rerank.eval_batch_size
         out = np.zeros(len(impressions.candidates), dtype=np.float32)
         now_all = datetime64_to_seconds(impressions.time)
@@ -323,7 +327,7 @@ class LoadedReranker:
         order = np.argsort(impressions.candidate_counts, kind="stable")  # similar lengths: little padding
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            hist_idx, hist_mask = padded_histories(impressions, rows, max_len=self.history_len)
+            hist_idx, hist_mask = histories.padded(rows, history_len=self.history_len)
             cand_idx, cand_mask, flat = padded_candidates(impressions, rows)
             ret = np.zeros(cand_idx.shape, dtype=np.float64)
             ret[cand_mask] = retrieval_scores[flat]
@@ -333,6 +337,62 @@ class LoadedReranker:
             bar.update(len(rows))
         bar.close()
         return out
+
+
+# ------------------------------------------------------------------------------------------------
+# two-stage scoring of impressions
+
+
+def score_impressions_two_stage(retriever: Any, reranker: LoadedReranker, impressions: Impressions, *,
+                                log: LogCounts, batch_size: int | None = None,
+                                device: str | torch.device = "cpu", first_stage_scores: np.ndarray | None = None,
+                                show_progress: bool = True) -> np.ndarray:
+    """Two-stage scores of every candidate of ``impressions``: float32 [M] aligned with
+    ``impressions.candidates`` (the same shape as the first stage's ``score_impressions``).
+
+    retriever: the first stage (a ``LoadedModel``); its news vectors are the ones stored with the
+    re-ranker (same model, checked by fingerprint on load). ``first_stage_scores`` [M] skips
+    recomputing the first stage when the caller already has them. ``log``: as in
+    ``LoadedReranker.score_impressions``.
+    """
+    from newsrec.inference.scoring import score_impressions
+
+    batch = batch_size or reranker.config.rerank.eval_batch_size
+    if first_stage_scores is None:
+        vectors = torch.from_numpy(reranker.tables.vectors[:int(reranker.manifest["n_news"]) + 1])
+        first_stage_scores = score_impressions(retriever.model, None, impressions,
+                                               history_len=retriever.config.data.history_len,
+                                               batch_size=batch * 4, device=device, news_vectors=vectors,
+                                               show_progress=False)
+    return reranker.score_impressions(impressions, retrieval_scores=first_stage_scores, log=log,
+                                      batch_size=batch, show_progress=show_progress)
+
+
+@dataclass
+class TwoStageScores:
+    """Scores float32 [M] of a split's candidates with the stages chosen, whether the re-ranker was
+    used, and the one line saying why (see ``two_stage_decision``)."""
+
+    scores: np.ndarray
+    reranked: bool
+    decision: str
+
+
+def two_stage_scores(reranker_dir: str | Path, *, retriever_dir: str | Path, dataset: DatasetArtifact,
+                     impressions: Impressions, first_stage_scores: np.ndarray, use: str | None = None,
+                     device: str | torch.device = "cpu", show_progress: bool = True) -> TwoStageScores:
+    """Two-stage scores of a dataset split's impressions — the re-ranker of ``reranker_dir``,
+    trained on the first stage of ``retriever_dir``, given that stage's scores [M] and the dataset's
+    log before each impression — where ``use`` (``rerank.use``: auto | always | never; None = the
+    re-ranker's own config) allows; else the first stage's scores unchanged. ``evaluate`` and
+    ``submit`` both call this."""
+    loaded, why = open_two_stage(reranker_dir, retriever_dir=retriever_dir, use=use, map_location=str(device))
+    if loaded is None:
+        return TwoStageScores(np.asarray(first_stage_scores, dtype=np.float32), False, why)
+    scores = score_impressions_two_stage(
+        None, loaded, impressions, first_stage_scores=first_stage_scores, device=device,
+        log=EventLog.of_dataset(dataset, {impressions.split: impressions}), show_progress=show_progress)
+    return TwoStageScores(scores, True, why)
 
 
 def to_seconds(when: float | datetime) -> float:

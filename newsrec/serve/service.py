@@ -26,7 +26,8 @@ from newsrec.config import Config, IndexConfig, ServeConfig
 from newsrec.data.artifact import DatasetArtifact, open_dataset
 from newsrec.data.features import NewsFeatures, news_features
 from newsrec.errors import ArtifactError, NewsrecError
-from newsrec.models.inputs import NewsInputs
+from newsrec.inference.histories import Histories, recent_clicks
+from newsrec.inference.scoring import encode_all_news, encode_news, encode_users
 from newsrec.serve.batching import MicroBatcher
 from newsrec.serve.clock import ServiceClock
 from newsrec.serve.index import NewsIndex, build_index, load_index
@@ -285,17 +286,16 @@ class Recommender:
         return self.encode_histories([history_keys])[0]
 
     def encode_histories(self, histories: list[np.ndarray]) -> np.ndarray:
-        """``encode_history`` for several users in one encoder call → float32 [B, D]."""
-        kept = [np.asarray(h, dtype=np.int64)[-self.history_len:] for h in histories]
-        lengths = np.array([len(h) for h in kept], dtype=np.int64)
-        mask = np.arange(max(int(lengths.max(initial=0)), 1))[None, :] < lengths[:, None]
-        padded = np.zeros((*mask.shape, self.index.dim), dtype=np.float32)  # right-padded
-        if lengths.sum():
-            padded[mask] = self.index.vectors_of(np.concatenate(kept))
-        with torch.inference_mode():
-            users = self.model.encode_user(torch.from_numpy(padded).to(self.device),
-                                           torch.from_numpy(mask).to(self.device))
-        return users.float().cpu().numpy()
+        """``encode_history`` for several users in one encoder call → float32 [B, D]: the
+        inference layer's ``encode_users`` over the index's vectors of the clicked keys."""
+        recent = Histories.of_lists(histories).recent(self.history_len)
+        keys, local = np.unique(recent.values, return_inverse=True)
+        table = np.zeros((len(keys) + 1, self.index.dim), dtype=np.float32)  # row 0: the padding news
+        table[1:] = self.index.vectors_of(keys)
+        users = encode_users(self.model, torch.from_numpy(table).to(self.device),
+                             Histories(local.reshape(-1) + 1, recent.offsets), history_len=None,
+                             batch_size=max(len(recent), 1))
+        return users.cpu().numpy()
 
     def recommend(self, *, user_id: str | None = None, history: list[str] | None = None,
                   k: int | None = None, ignore_unknown: bool | None = None,
@@ -342,7 +342,7 @@ class Recommender:
                 raise NewsrecError(f"history holds {len(history)} ids, more than serve.max_history="
                                    f"{self.serve_cfg.max_history}")
             history_keys, ignored = self.resolve_history(history, ignore_unknown=ignore_unknown)
-        job = _Job(history=history_keys[-self.history_len:], exclude=set(history_keys.tolist()),
+        job = _Job(history=recent_clicks(history_keys, self.history_len), exclude=set(history_keys.tolist()),
                    retrieve_k=max(self.serve_cfg.retrieve_k, k),
                    now=self.clock.now() if now is None else _seconds_of(now), clicks=history_keys)
         return _Request(job=job, k=k, ignored=ignored, started=started, prepared=time.perf_counter())
@@ -413,9 +413,7 @@ class Recommender:
         sub_idx = _index_of(cats["subcategory"], subcategory)
         arrays = self.news_features().fresh([title], [cat_idx], [sub_idx],
                                             [list(entities or [])])
-        with torch.inference_mode():
-            vector = self.model.encode_news(NewsInputs.from_arrays(arrays, self.device))
-        vector = vector.float().cpu().numpy()
+        vector = encode_news(self.model, arrays, device=self.device).cpu().numpy()
         with self._lock:
             if self.key_of(news_id) is not None:
                 raise DuplicateNewsError(f"news '{news_id}' is already known")
@@ -531,7 +529,6 @@ def index_news(model_dir: str | Path, *, data_dir: str | Path | None, out_dir: s
                index_cfg: IndexConfig | None = None, batch_size: int | None = None) -> NewsIndex:
     """``newsrec index``: encode every news of the artifact with the trained news encoder and
     write INDEX_DIR (see ``newsrec.serve.index``). ``index_cfg`` defaults to the model's config."""
-    from newsrec.eval.evaluate import encode_all_news
     from newsrec.inference.model_io import check_compatible, load_model
 
     model_dir = Path(model_dir)

@@ -212,8 +212,8 @@ def _reported_impressions(dataset: DatasetArtifact, config: Config) -> dict[str,
 def evaluate_split(model: nn.Module, dataset: DatasetArtifact, impressions: Impressions, *,
                    config: Config, device: torch.device) -> dict[str, Any]:
     """Official metrics of ``model`` on labelled ``impressions`` (fast path: each news encoded once)."""
-    from newsrec.eval.evaluate import score_impressions
     from newsrec.eval.metrics import compute_metrics
+    from newsrec.inference.scoring import score_impressions
 
     was_training = model.training
     model.eval()

@@ -45,9 +45,12 @@ from newsrec.data import schema
 from newsrec.data.artifact import DatasetArtifact, Impressions, concat_impressions, open_dataset
 from newsrec.data.popularity import datetime64_to_seconds, unseen_in_train
 from newsrec.errors import ArtifactError, NewsrecError
-from newsrec.inference.features import (FEATURE_NAMES, EventLog, LogCounts, news_tables,
-                                        padded_candidates, padded_histories, right_padded)
+from newsrec.inference.features import (FEATURE_NAMES, EventLog, LogCounts, news_tables, padded_candidates,
+                                        right_padded)
+from newsrec.inference.histories import padded_histories
 from newsrec.inference.rerank import LoadedReranker, save_reranker
+from newsrec.inference.scoring import (encode_all_news, encode_impression_users, score_candidates,
+                                       score_impressions)
 from newsrec.models.reranker import Reranker
 from newsrec.train.distributed import resolve_device
 from newsrec.utils.io import sha256_file
@@ -70,34 +73,11 @@ class RerankFitResult:
 # first-stage helpers (the retriever is frozen)
 
 
-@torch.inference_mode()
-def encode_users(model: Any, news_vectors: torch.Tensor, impressions: Impressions, *, history_len: int,
-                 batch_size: int, device: torch.device, desc: str = "encoding users") -> torch.Tensor:
-    """First-stage user vectors of every impression: float32 [n, D] (on CPU).
-
-    news_vectors [n_news + 1, D] from ``encode_all_news``; the most recent ``history_len`` clicks.
-    """
-    out = torch.zeros(len(impressions), news_vectors.shape[1])
-    vecs = news_vectors.to(device)
-    for start in progress(range(0, len(impressions), batch_size), desc=desc, unit="batch"):
-        rows = np.arange(start, min(start + batch_size, len(impressions)))
-        hist, mask = padded_histories(impressions, rows, max_len=history_len)
-        users = model.encode_user(vecs[torch.from_numpy(hist).to(device)], torch.from_numpy(mask).to(device))
-        out[start:start + len(rows)] = users.float().cpu()
-    return out
-
-
-@torch.inference_mode()
-def first_stage_candidate_scores(model: Any, user_vectors: torch.Tensor, news_vectors: torch.Tensor,
-                                 impressions: Impressions, *, batch_size: int) -> np.ndarray:
-    """``model.score`` of each candidate: float32 [M] aligned with ``impressions.candidates``."""
-    out = np.zeros(len(impressions.candidates), dtype=np.float32)
-    for start in range(0, len(impressions), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(impressions)))
-        cand, mask, flat = padded_candidates(impressions, rows)
-        scores = model.score(user_vectors[torch.from_numpy(rows)], news_vectors[torch.from_numpy(cand)])
-        out[flat] = scores.float().numpy()[mask]
-    return out
+def _first_stage_scores(model: Any, user_vectors: torch.Tensor, news_vectors: torch.Tensor,
+                        impressions: Impressions) -> np.ndarray:
+    """``score_candidates`` of each impression's candidates with its user: float32 [M]."""
+    user_of_candidate = np.repeat(np.arange(len(impressions)), impressions.candidate_counts)
+    return score_candidates(model, user_vectors, news_vectors, user_of_candidate, impressions.candidates)
 
 
 def available_mask(first_seen: np.ndarray, first_seen_known: np.ndarray, now_seconds: np.ndarray) -> np.ndarray:
@@ -129,7 +109,7 @@ def retrieve_top(model: Any, user_vectors: torch.Tensor, news_vectors: torch.Ten
         users = user_vectors[torch.from_numpy(rows)]  # (b, D)
         scores = (users @ news_vectors.T).float()  # (b, n): the first stage's score is a dot product
         allowed = torch.from_numpy(available_mask(first_seen, first_seen_known, now[rows]))
-        hist, hmask = padded_histories(impressions, rows, max_len=1 << 30)
+        hist, hmask = padded_histories(impressions, rows, history_len=None)  # every click: never retrieved
         allowed.scatter_(1, torch.from_numpy(np.where(hmask, hist, 0)), False)
         if exclude_candidates:
             cand, _, _ = padded_candidates(impressions, rows)
@@ -276,7 +256,7 @@ def training_rows(data: TrainingData, reranker: LoadedReranker, sample_ids: np.n
             cand[j, slot] = data.hard_idx[row, chosen]
             ret[j, slot] = data.hard_scores[row, chosen]
             mask[j, slot] = True
-    hist, hist_mask = padded_histories(imps, rows, max_len=reranker.history_len)
+    hist, hist_mask = padded_histories(imps, rows, history_len=reranker.history_len)
     feats = reranker.features_for(data.log, history_idx=hist, history_mask=hist_mask, candidate_idx=cand,
                                   retrieval_scores=ret, now_seconds=data.now[rows])
     return {"history": hist, "history_mask": hist_mask, "candidates": cand, "candidate_mask": mask,
@@ -326,29 +306,6 @@ def feature_stats(data: TrainingData, reranker: LoadedReranker, rng: np.random.G
 # scoring and evaluation
 
 
-def score_impressions_two_stage(retriever: Any, reranker: LoadedReranker, impressions: Impressions, *,
-                                log: LogCounts, batch_size: int | None = None,
-                                device: str | torch.device = "cpu", first_stage_scores: np.ndarray | None = None,
-                                show_progress: bool = True) -> np.ndarray:
-    """Two-stage scores of every candidate of ``impressions``: float32 [M] aligned with
-    ``impressions.candidates`` (the same shape as the first stage's ``score_impressions``).
-
-    retriever: the first stage (a ``LoadedModel``); its news vectors are the ones stored with the
-    re-ranker (same model, checked by fingerprint on load). ``first_stage_scores`` [M] skips
-    recomputing the first stage when the caller already has them. ``log``: as in
-    ``LoadedReranker.score_impressions``.
-    """
-    batch = batch_size or reranker.config.rerank.eval_batch_size
-    if first_stage_scores is None:
-        vectors = torch.from_numpy(reranker.tables.vectors)
-        users = encode_users(retriever.model, vectors, impressions, history_len=retriever.config.data.history_len,
-                             batch_size=batch * 4, device=torch.device(device))
-        first_stage_scores = first_stage_candidate_scores(retriever.model, users, vectors, impressions,
-                                                          batch_size=batch * 4)
-    return reranker.score_impressions(impressions, retrieval_scores=first_stage_scores, log=log,
-                                      batch_size=batch, show_progress=show_progress)
-
-
 def compare_on_impressions(labels: np.ndarray, offsets: np.ndarray, first_stage: np.ndarray,
                            two_stage: np.ndarray, cold: np.ndarray) -> dict[str, dict[str, Any]]:
     """Metrics of both stages on the impressions' candidates, overall and on cold candidates only
@@ -378,8 +335,8 @@ def evaluate_retrieved(retriever: Any, reranker: LoadedReranker, impressions: Im
     history_len = retriever.config.data.history_len
     vectors = torch.from_numpy(reranker.tables.vectors)
     n_news = int(reranker.manifest["n_news"])
-    users = encode_users(model, vectors[: n_news + 1], impressions, history_len=history_len,
-                         batch_size=batch_size * 4, device=torch.device(device))
+    users = encode_impression_users(model, vectors[: n_news + 1].to(device), impressions, history_len=history_len,
+                                    batch_size=batch_size * 4).cpu()
     t = reranker.tables
     top_idx, top_scores = retrieve_top(model, users, vectors[: n_news + 1], impressions, k=retrieve_k,
                                        first_seen=t.first_seen[: n_news + 1],
@@ -423,7 +380,6 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
                  out_dir: str | Path) -> RerankFitResult:
     """Train the re-ranker on ``data_dir``'s train log over the frozen first stage in
     ``retriever_dir``; write RERANKER_DIR ``out_dir`` (see ``newsrec.inference.rerank``)."""
-    from newsrec.eval.evaluate import encode_all_news
     from newsrec.eval.metrics import compute_metrics
     from newsrec.inference.model_io import check_compatible, load_model
     from newsrec.train import tracking
@@ -487,13 +443,12 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
             raise NewsrecError(f"{dataset.root}: no clicked impression in the re-ranker's "
                                f"{'training slice' if len(fit_rows) == 0 else 'guard slice'}")
         train, guard = all_train.select(fit_rows), all_train.select(guard_rows)
-        users = encode_users(first_model, first_vectors, train, history_len=first_history_len,
-                             batch_size=batch_eval, device=cpu)
-        retrieval = first_stage_candidate_scores(first_model, users, first_vectors, train, batch_size=batch_eval)
-        guard_users = encode_users(first_model, first_vectors, guard, history_len=first_history_len,
-                                   batch_size=batch_eval, device=cpu, desc="encoding guard users")
-        guard_first = first_stage_candidate_scores(first_model, guard_users, first_vectors, guard,
-                                                   batch_size=batch_eval)
+        users = encode_impression_users(first_model, first_vectors, train, history_len=first_history_len,
+                                        batch_size=batch_eval)
+        retrieval = _first_stage_scores(first_model, users, first_vectors, train)
+        guard_users = encode_impression_users(first_model, first_vectors, guard, history_len=first_history_len,
+                                              batch_size=batch_eval)
+        guard_first = _first_stage_scores(first_model, guard_users, first_vectors, guard)
         if rcfg.hard_negatives:
             hard_idx, hard_scores = retrieve_top(
                 first_model, users, first_vectors, train, k=rcfg.hard_negative_pool,
@@ -571,9 +526,8 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
 
         metrics: dict[str, dict[str, Any]] = {}
         if dev is not None and dev.labels is not None:  # reported, never used to choose
-            dev_users = encode_users(retriever.model, news_vectors, dev, history_len=first_history_len,
-                                     batch_size=batch_eval, device=cpu)
-            first = first_stage_candidate_scores(retriever.model, dev_users, news_vectors, dev, batch_size=batch_eval)
+            first = score_impressions(retriever.model, dataset, dev, history_len=first_history_len,
+                                      batch_size=batch_eval, news_vectors=news_vectors, show_progress=False)
             two = reranker.score_impressions(dev, retrieval_scores=first, log=full_log,
                                              batch_size=rcfg.eval_batch_size)
             cold = unseen_in_train(dataset)[dev.candidates]

@@ -9,9 +9,10 @@ shows the runs.
 
 The trained model is logged as an MLflow *pyfunc* model through a loader module (this one): the
 logged folder holds the MODEL_DIR files (safetensors weights, config, manifest) and the news table it
-scores (title tokens, categories, news ids). ``mlflow.pyfunc.load_model(uri)`` reads it back with no
-unpickling and scores DataFrames with columns ``history`` and ``candidates`` (space-separated news
-ids, as in MIND's behaviors.tsv), answering a ``scores`` column (one list of floats per row).
+scores (the model's news vectors and the news ids). ``mlflow.pyfunc.load_model(uri)`` reads it back
+with no unpickling as ``newsrec.inference.pyfunc.PyfuncScorer``, which scores DataFrames with columns
+``history`` and ``candidates`` (space-separated news ids, as in MIND's behaviors.tsv) through the
+inference layer, answering a ``scores`` column (one list of floats per row).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from newsrec.config import TrackingConfig
-from newsrec.errors import DataError, NewsrecError
+from newsrec.errors import NewsrecError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PYFUNC_MODEL_NAME = "model"
@@ -216,20 +217,6 @@ def _copy_model_files(model_dir: Path, dest: Path) -> None:
         shutil.copy2(model_dir / name, dest / name)
 
 
-def _write_news_table(model_dir: Path, dataset: Any, dest: Path) -> None:
-    """The news the logged model can score: their ids and the model's vectors of them (index =
-    news_idx), encoded once by the evaluation path, so the logged model needs no text inputs (word
-    ids, PLM states, entities) of its own."""
-    from newsrec.eval.evaluate import encode_all_news
-    from newsrec.inference.model_io import load_model
-
-    dest.mkdir(parents=True)
-    model = load_model(model_dir).model
-    vectors = encode_all_news(model, dataset, show_progress=False)
-    np.save(dest / "news_vectors.npy", vectors.cpu().numpy().astype(np.float32))
-    (dest / "news_ids.json").write_text(json.dumps(list(dataset.news_idx_to_id[1:])), encoding="utf-8")
-
-
 def log_model(model_dir: str | Path, *, dataset: Any, register_name: str = "") -> str | None:
     """Log MODEL_DIR (+ the dataset's news table) as a pyfunc model of the active run, with a
     signature and an input example (one history and three candidates of the dataset); register it under ``register_name`` when given. Returns the model URI."""
@@ -239,14 +226,16 @@ def log_model(model_dir: str | Path, *, dataset: Any, register_name: str = "") -
     import pandas as pd
     from mlflow.models import infer_signature
 
+    from newsrec.inference import pyfunc
+
     model_dir = Path(model_dir)
     with tempfile.TemporaryDirectory(prefix="newsrec-pyfunc-") as tmp:
         data = Path(tmp) / "newsrec"
-        _copy_model_files(model_dir, data / "model")
-        _write_news_table(model_dir, dataset, data / "news")
+        _copy_model_files(model_dir, data / pyfunc.MODEL_FOLDER)
+        pyfunc.write_news_table(model_dir, dataset, data / pyfunc.NEWS_FOLDER)
         example_ids = list(dataset.news_idx_to_id[1:4])
         example = pd.DataFrame({"history": [" ".join(example_ids[:2])], "candidates": [" ".join(example_ids)]})
-        scorer = _load_pyfunc(str(data))
+        scorer = pyfunc.load_pyfunc(str(data))
         signature = infer_signature(example, scorer.predict(example))
         info = mlflow.pyfunc.log_model(
             name=PYFUNC_MODEL_NAME,
@@ -272,50 +261,9 @@ def _pip_requirements() -> list[str]:
     return pins
 
 
-class PyfuncScorer:
-    """What ``mlflow.pyfunc.load_model`` gives back: scores candidates for histories."""
+def _load_pyfunc(data_path: str) -> Any:
+    """MLflow's entry point for ``loader_module`` models: the scorer of
+    ``newsrec.inference.pyfunc`` (the inference layer; this module only logs it)."""
+    from newsrec.inference.pyfunc import load_pyfunc
 
-    def __init__(self, data_path: Path) -> None:
-        import torch
-
-        from newsrec.inference.model_io import load_model
-
-        self.loaded = load_model(data_path / "model")
-        history_len = self.loaded.config.data.history_len
-        self.history_len = history_len
-        news = data_path / "news"
-        ids = json.loads((news / "news_ids.json").read_text(encoding="utf-8"))
-        self.id_to_idx = {news_id: i + 1 for i, news_id in enumerate(ids)}
-        self.news_vectors = torch.from_numpy(np.load(news / "news_vectors.npy"))  # [n_news + 1, D], row 0 = padding
-
-    def _indices(self, text: Any, row: int, column: str) -> list[int]:
-        ids = text.split() if isinstance(text, str) else list(text)
-        unknown = [i for i in ids if i not in self.id_to_idx]
-        if unknown:
-            raise DataError(column, f"row {row}: unknown news id(s) {', '.join(map(str, unknown[:5]))}")
-        return [self.id_to_idx[i] for i in ids]
-
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
-        import pandas as pd
-        import torch
-
-        scores = []
-        model = self.loaded.model
-        with torch.inference_mode():
-            for row, (history, candidates) in enumerate(zip(model_input["history"], model_input["candidates"])):
-                hist = self._indices(history, row, "history")[-self.history_len:]
-                cand = self._indices(candidates, row, "candidates")
-                hist_vec = self.news_vectors[torch.tensor(hist, dtype=torch.long)].reshape(1, len(hist), -1)
-                mask = torch.ones(1, len(hist), dtype=torch.bool)
-                if not hist:
-                    hist_vec = torch.zeros(1, 1, model.news_dim)
-                    mask = torch.zeros(1, 1, dtype=torch.bool)
-                user = model.encode_user(hist_vec, mask)
-                cand_vec = self.news_vectors[torch.tensor(cand, dtype=torch.long)].unsqueeze(0)
-                scores.append(model.score(user, cand_vec)[0].double().tolist())
-        return pd.DataFrame({"scores": scores})
-
-
-def _load_pyfunc(data_path: str) -> PyfuncScorer:
-    """MLflow's entry point for ``loader_module`` models."""
-    return PyfuncScorer(Path(data_path))
+    return load_pyfunc(data_path)
