@@ -69,8 +69,9 @@ class ModelConfig:
     news_views: str = "sum"  # combine title/category/entity vectors: "sum" | "attention" (NAML)
     # a wide part in the dot product: the user side holds the history's category and subcategory
     # log-lift over their base rates, the news side its one-hot category and subcategory, each block
-    # under a learned weight (docs/decisions.md: why, and what it costs in vector width)
-    category_lift: bool = False
+    # under a learned weight (docs/decisions.md: why, and what it costs in vector width); false =
+    # the published NRMS/Fastformer architecture
+    category_lift: bool = True
     category_lift_smoothing: float = 0.01  # a in log((share + a) / (base + a))
 
     def __post_init__(self) -> None:

@@ -21,7 +21,9 @@ VOCAB, N_CAT, N_SUB, TITLE_LEN, EMB, HIDDEN, HEADS = 41, 4, 6, 7, 10, 12, 3
 
 
 def _cfg(**kw: object) -> ModelConfig:
-    base = dict(embedding_dim=EMB, hidden_size=HIDDEN, num_heads=HEADS, pooling_hidden=5, dropout=0.0)
+    # the deep path alone unless a test asks for the category-lift block (tested on its own below)
+    base = dict(embedding_dim=EMB, hidden_size=HIDDEN, num_heads=HEADS, pooling_hidden=5, dropout=0.0,
+                category_lift=False)
     base.update(kw)
     return ModelConfig(**base)  # type: ignore[arg-type]
 
@@ -65,6 +67,35 @@ def test_shapes_and_finiteness(encoder: str) -> None:
     scores = model.score(users, cands)
     assert scores.shape == (4, 9)
     torch.testing.assert_close(scores, torch.einsum("bd,bcd->bc", users, cands))
+
+
+def test_category_lift_block_shapes_masks_and_empty_history() -> None:
+    torch.manual_seed(0)
+    base_cat = np.array([0.0, 0.5, 0.3, 0.2])
+    base_sub = np.array([0.0, 0.1, 0.2, 0.3, 0.2, 0.2])
+    model = NewsRecommender(_cfg(category_lift=True), vocab_size=VOCAB, n_categories=N_CAT,
+                            n_subcategories=N_SUB, max_history=8, category_base=base_cat,
+                            subcategory_base=base_sub).eval()
+    assert model.news_dim == HIDDEN + N_CAT + N_SUB
+    cat, sub = torch.tensor([0, 1, 2, 3, 1]), torch.tensor([0, 5, 4, 3, 1])
+    news = model.encode_news(_titles(), cat, sub)
+    assert news.shape == (5, model.news_dim)
+    torch.testing.assert_close(news[:, HIDDEN:HIDDEN + N_CAT], torch.nn.functional.one_hot(cat, N_CAT).float())
+    torch.testing.assert_close(news[:, HIDDEN + N_CAT:], torch.nn.functional.one_hot(sub, N_SUB).float())
+    # histories of news 1, 2, 1 / nothing; junk beyond the mask changes nothing
+    hist = torch.stack([news[[1, 2, 1, 4]], news[[3, 3, 3, 3]]])
+    mask = torch.tensor([[True, True, True, False], [False] * 4])
+    users = model.encode_user(hist, mask)
+    assert users.shape == (2, model.news_dim)
+    torch.testing.assert_close(users, model.encode_user(hist[:, :3], mask[:, :3]), rtol=0, atol=1e-6)
+    a = model.cfg.category_lift_smoothing
+    expected_cat = np.log((np.array([0, 2, 1, 0]) / 3 + a) / (base_cat + a))
+    expected_cat[0] = 0.0  # the unknown category carries nothing
+    torch.testing.assert_close(users[0, HIDDEN:HIDDEN + N_CAT], torch.tensor(expected_cat, dtype=torch.float32))
+    assert torch.count_nonzero(users[1, HIDDEN:]) == 0  # an empty history: no lift
+    with pytest.raises(ValueError, match="base rates"):
+        NewsRecommender(_cfg(category_lift=True), vocab_size=VOCAB, n_categories=N_CAT, n_subcategories=N_SUB,
+                        category_base=np.ones(N_CAT + 1), subcategory_base=base_sub)
 
 
 @pytest.mark.parametrize("encoder", ["fastformer", "mhsa"])
@@ -188,7 +219,8 @@ def _config(**model: object) -> Config:
 def _outputs(model: NewsRecommender) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         news = model.encode_news(_titles(), torch.tensor([0, 1, 2, 3, 1]), torch.tensor([0, 5, 4, 3, 1]))
-        hist, mask = _history()
+        _, mask = _history()
+        hist = news[torch.tensor([[1, 2, 3, 1, 4, 0], [3, 1, 0, 0, 0, 0], [0] * 6, [2, 2, 4, 1, 0, 0]])]
         return news, model.encode_user(hist, mask)
 
 
