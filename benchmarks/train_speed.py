@@ -10,10 +10,19 @@ Variants measured in one run on the same Zipf-like batches (so deduplication is 
 
 Each is reported in training samples/s, as a ratio to naive, and as a fraction of the machine's
 measured matrix-multiply rate (FLOPs of one step counted by torch's FLOP counter). Then Fastformer vs
-MHSA training samples/s at history 50 and 1,000. Prints tables; writes
-docs/benchmarks/train_speed.{json,png}.
+MHSA training samples/s at history 50, 200 and 1,000, each without and with the news-vector cache
+(``train.news_cache_refresh_steps``, ``--cache-refresh``): with the cache, the steps are timed after
+``--cache-refresh`` + 2 untimed steps over fresh batches, so the cache is in its steady state (the
+share of the history's distinct news re-encoded per step is reported beside).
 
-    python benchmarks/train_speed.py [--threads 2] [--steps 6] [--quick]
+Last, dev AUC with and without the cache: Fastformer (configs/demo.yaml) and MHSA
+(configs/nrms_mhsa.yaml) trained on generated worlds (``--auc-worlds``, ``--auc-size``), each run
+capped at ``--auc-max-steps`` optimizer steps to keep the section within ~15 minutes on 2 cores.
+Prints tables; writes docs/benchmarks/train_speed.{json,png}.
+
+    python benchmarks/train_speed.py [--threads 2] [--steps 6] [--quick] [--cache-refresh 20]
+                                     [--auc-worlds default,cold-test] [--auc-size demo]
+                                     [--auc-max-steps 120] [--skip-auc] [--work DIR]
 """
 from __future__ import annotations
 
@@ -32,10 +41,13 @@ from common import format_table, machine_info, matmul_ceiling, save_figure, use_
 
 from newsrec.config import config_from_dict  # noqa: E402
 from newsrec.data.artifact import Impressions  # noqa: E402
+from newsrec.data.features import NewsFeatures  # noqa: E402
 from newsrec.models.recommender import NewsRecommender  # noqa: E402
 from newsrec.train.batching import Batch, BatchBuilder  # noqa: E402
-from newsrec.train.loop import NRMSObjective, build_optimizer  # noqa: E402
+from newsrec.train.loop import CachedHistory, NRMSObjective, build_optimizer  # noqa: E402
+from newsrec.train.news_cache import NewsVectorCache  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
 VOCAB = 30_000
 N_NEWS = 50_000
 TITLE_LEN = 30
@@ -84,12 +96,12 @@ def make_model(encoder: str, *, freeze: bool = False, history_len: int = 50) -> 
 
 
 def build_batches(impressions: Impressions, tokens: np.ndarray, *, history_len: int, bucket: int | None,
-                  n: int) -> tuple[list[Batch], float]:
+                  n: int, split_history: bool = False) -> tuple[list[Batch], float]:
     cat = np.arange(N_NEWS + 1) % 20
     sub = np.arange(N_NEWS + 1) % 200
     builder = BatchBuilder(impressions, title_tokens=tokens, category=cat, subcategory=sub,
                            batch_size=BATCH, npratio=NPRATIO, history_len=history_len, seed=0,
-                           bucket_size=bucket)
+                           bucket_size=bucket, split_history=split_history)
     started = time.perf_counter()
     batches = [builder.build(0, b) for b in range(n)]
     return batches, (time.perf_counter() - started) / n
@@ -103,6 +115,46 @@ def dedup_step(objective: NRMSObjective, optimizer: torch.optim.Optimizer, batch
     (loss / batch.size).backward()
     torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
     optimizer.step()
+
+
+def cached_step(objective: NRMSObjective, optimizer: torch.optim.Optimizer, history: CachedHistory,
+                batch: Batch, step: int, *, bf16: bool) -> None:
+    """``dedup_step`` with the news-vector cache: history vectors read from it (the due ones
+    re-encoded first), only the candidates encoded with gradients — as ``newsrec train`` steps."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        vectors = history.vectors(batch, step)
+        loss = objective(batch.news, None, batch.history_mask, batch.candidate_slots, batch.candidate_mask,
+                         history_vectors=vectors)
+    (loss / batch.size).backward()
+    torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
+    optimizer.step()
+
+
+def measure_cached(model: NewsRecommender, batches: list[Batch], tokens: np.ndarray, *, refresh: int, steps: int,
+                   bf16: bool) -> tuple[float, float]:
+    """(median seconds per step, share of the history's distinct news re-encoded per step) over
+    ``steps`` steps after ``refresh + 2`` untimed steps on the batches before them."""
+    objective = NRMSObjective(model)
+    opt = build_optimizer(model, config_from_dict({}))
+    features = NewsFeatures(category=np.arange(N_NEWS + 1) % 20, subcategory=np.arange(N_NEWS + 1) % 200,
+                            title_tokens=tokens)
+    cache = NewsVectorCache(N_NEWS + 1, model.news_dim, refresh_steps=refresh)
+    history = CachedHistory(model, cache, features, autocast=None, device=torch.device("cpu"),
+                            bucket_size=64 if bf16 else None)
+    warm = refresh + 2
+    if len(batches) < warm + steps:
+        raise ValueError(f"{len(batches)} batches for {warm} warm-up and {steps} timed steps")
+    for step in range(warm):
+        cached_step(objective, opt, history, batches[step], step, bf16=bf16)
+    cache.reset_counters()
+    times = []
+    for step in range(warm, warm + steps):
+        t0 = time.perf_counter()
+        cached_step(objective, opt, history, batches[step], step, bf16=bf16)
+        times.append(time.perf_counter() - t0)
+    refreshed, read = cache.reset_counters()
+    return float(np.median(times)), refreshed / max(read, 1)
 
 
 def naive_step(model: NewsRecommender, optimizer: torch.optim.Optimizer, batch: Batch, tokens: torch.Tensor) -> None:
@@ -138,7 +190,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--quick", action="store_true", help="fewer steps; skip history 1,000")
+    parser.add_argument("--quick", action="store_true", help="fewer steps; history 50 only")
+    parser.add_argument("--cache-refresh", type=int, default=20,
+                        help="train.news_cache_refresh_steps of the cache rows (SpeedyRec's max_step_in_cache)")
+    parser.add_argument("--auc-worlds", default="default,cold-test")
+    parser.add_argument("--auc-size", default="demo")
+    parser.add_argument("--auc-max-steps", type=int, default=120, help="optimizer steps of each AUC run (0 = the configs' epochs)")
+    parser.add_argument("--skip-auc", action="store_true", help="speed only")
+    parser.add_argument("--work", type=Path, default=None, help="folder for the AUC worlds (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps = 3 if args.quick else args.steps
@@ -187,26 +246,52 @@ def main() -> None:
     precision = "bf16" if fast_bf16 else "fp32"
 
     scaling: list[dict[str, Any]] = []
-    lengths = (50,) if args.quick else (50, 1000)
+    refresh = args.cache_refresh
+    lengths = (50,) if args.quick else (50, 200, 1000)
     for history_len in lengths:
-        imps = zipf_impressions(n_impressions=400, history_len=history_len, seed=2)
-        batches, _ = build_batches(imps, tokens_np, history_len=history_len, bucket=64 if fast_bf16 else None, n=4)
-        row: dict[str, Any] = {"history_len": history_len}
+        n_batches = refresh + 2 + steps
+        imps = zipf_impressions(n_impressions=BATCH * n_batches, history_len=history_len, seed=2)
+        bucket = 64 if fast_bf16 else None
+        plain_batches, _ = build_batches(imps, tokens_np, history_len=history_len, bucket=bucket, n=steps + 3)
+        split_batches, _ = build_batches(imps, tokens_np, history_len=history_len, bucket=bucket, n=n_batches,
+                                         split_history=True)
+        row: dict[str, Any] = {"history_len": history_len,
+                               "unique_history_news": float(np.mean([len(b.history_news) for b in split_batches])),
+                               "unique_candidate_news": float(np.mean([b.n_unique for b in split_batches]))}
         for encoder in ("fastformer", "mhsa"):
             model = make_model(encoder, history_len=history_len)
             objective = NRMSObjective(model)
             opt = build_optimizer(model, config_from_dict({}))
-            seconds, _ = measure(lambda b: dedup_step(objective, opt, b, bf16=fast_bf16), batches, steps=2)
+            seconds, _ = measure(lambda b: dedup_step(objective, opt, b, bf16=fast_bf16), plain_batches,
+                                 steps=max(2, steps // 2) if history_len >= 1000 else steps)
             row[f"{encoder}_samples_s"] = BATCH / seconds
+            seconds, share = measure_cached(make_model(encoder, history_len=history_len), split_batches, tokens_np,
+                                            refresh=refresh, steps=steps, bf16=fast_bf16)
+            row[f"{encoder}_cache_samples_s"] = BATCH / seconds
+            row[f"{encoder}_cache_speedup"] = row[f"{encoder}_cache_samples_s"] / row[f"{encoder}_samples_s"]
+            row[f"{encoder}_cache_refresh_share"] = share
         row["ratio"] = row["fastformer_samples_s"] / row["mhsa_samples_s"]
+        row["cache_ratio"] = row["fastformer_cache_samples_s"] / row["mhsa_cache_samples_s"]
         scaling.append(row)
-    print(f"\nFastformer vs MHSA, training samples/s (dedup, {precision})")
-    print(format_table(scaling))
+        print(f"  history {history_len}: done", flush=True)
+    print(f"\nFastformer vs MHSA, training samples/s (dedup, {precision}), without and with the news-vector "
+          f"cache (refresh every {refresh} steps; ratio = Fastformer / MHSA)")
+    print(format_table(scaling, ["history_len", "fastformer_samples_s", "fastformer_cache_samples_s",
+                                 "fastformer_cache_speedup", "mhsa_samples_s", "mhsa_cache_samples_s",
+                                 "mhsa_cache_speedup", "ratio", "cache_ratio"]))
+    print(format_table(scaling, ["history_len", "unique_history_news", "unique_candidate_news",
+                                 "fastformer_cache_refresh_share", "mhsa_cache_refresh_share"]))
+
+    quality = [] if args.skip_auc else cache_quality(args, refresh=refresh)
 
     write_results("train_speed", {"variants": rows, "history_scaling": scaling, "unique_share": unique_share,
                                   "batch_build_ms": build_s * 1e3, "matmul_gflops": {"fp32": fp32_ceiling,
                                                                                      "bf16": bf16_ceiling},
                                   "history_scaling_precision": precision, "threads": args.threads,
+                                  "news_cache": {"refresh_steps": refresh, "warmup_steps": refresh + 2,
+                                                 "timed_steps": steps, "dev_auc": quality,
+                                                 "auc_worlds": args.auc_worlds, "auc_size": args.auc_size,
+                                                 "auc_max_steps": args.auc_max_steps},
                                   "shapes": {"batch": BATCH, "title_len": TITLE_LEN, "history_len": 50,
                                              "npratio": NPRATIO}})
     use_agg_backend()
@@ -220,13 +305,59 @@ def main() -> None:
         axes[0].text(r["samples_s"], i, f" {r['vs_naive']:.1f}×", va="center")
     labels = [str(r["history_len"]) for r in scaling]
     x = np.arange(len(scaling))
-    axes[1].bar(x - 0.2, [r["fastformer_samples_s"] for r in scaling], 0.4, label="Fastformer")
-    axes[1].bar(x + 0.2, [r["mhsa_samples_s"] for r in scaling], 0.4, label="MHSA")
+    for offset, key, label in ((-0.3, "fastformer_samples_s", "Fastformer"), (-0.1, "mhsa_samples_s", "MHSA"),
+                               (0.1, "fastformer_cache_samples_s", "Fastformer + cache"),
+                               (0.3, "mhsa_cache_samples_s", "MHSA + cache")):
+        axes[1].bar(x + offset, [r[key] for r in scaling], 0.2, label=label)
     axes[1].set_xticks(x, labels)
+    axes[1].set_yscale("log")
     axes[1].set_xlabel("history length")
-    axes[1].set_ylabel("training samples/s")
-    axes[1].legend()
+    axes[1].set_ylabel("training samples/s (log)")
+    axes[1].set_title(f"news-vector cache: refresh every {refresh} steps")
+    axes[1].legend(fontsize=8)
     save_figure(fig, "train_speed")
+
+
+def cache_quality(args: argparse.Namespace, *, refresh: int) -> list[dict[str, Any]]:
+    """Dev AUC and end-to-end training samples/s of Fastformer and MHSA without and with the cache,
+    on each of ``args.auc_worlds`` (generated at ``args.auc_size``, seed 0, ingested once)."""
+    import tempfile
+
+    from newsrec.config import load_config
+    from newsrec.data.ingest import ingest
+    from newsrec.data.synth import generate
+    from newsrec.train import fit
+
+    configs = {"Fastformer": REPO / "configs" / "demo.yaml", "MHSA": REPO / "configs" / "nrms_mhsa.yaml"}
+    work = args.work or Path(tempfile.mkdtemp(prefix="train-cache-"))
+    rows = []
+    for world in args.auc_worlds.split(","):
+        synth_dir, data_dir = work / world / "synth", work / world / "dataset"
+        generate(synth_dir, size=args.auc_size, seed=0, world=world)
+        base = ["tracking.enabled=false", f"train.num_threads={args.threads}"]
+        ingest(load_config(configs["Fastformer"], base), train=synth_dir / "MINDsynth_train.zip",
+               dev=synth_dir / "MINDsynth_dev.zip", out_dir=data_dir)
+        for name, path in configs.items():
+            row: dict[str, Any] = {"world": world, "model": name}
+            for label, k in (("off", 0), ("cache", refresh)):
+                overrides = [*base, f"train.news_cache_refresh_steps={k}"]
+                if args.auc_max_steps:
+                    overrides.append(f"train.max_steps={args.auc_max_steps}")
+                t0 = time.perf_counter()
+                result = fit(load_config(path, overrides), data_dir=data_dir, out_dir=work / world / f"{name}-{label}")
+                row[f"auc_{label}"] = float(result.metrics["auc"])
+                row[f"samples_s_{label}"] = result.train_samples_per_second
+                row[f"seconds_{label}"] = time.perf_counter() - t0
+                row["steps"] = result.global_step
+            row["auc_delta"] = row["auc_cache"] - row["auc_off"]
+            row["speedup"] = row["samples_s_cache"] / row["samples_s_off"]
+            rows.append(row)
+            print(f"  {world} {name}: dev AUC {row['auc_off']:.4f} → {row['auc_cache']:.4f} with the cache", flush=True)
+    print(f"\nDev AUC without / with the news-vector cache (refresh every {refresh} steps; "
+          f"{args.auc_size} worlds, seed 0, {args.auc_max_steps or 'all'} steps each)")
+    print(format_table(rows, ["world", "model", "steps", "auc_off", "auc_cache", "auc_delta", "samples_s_off",
+                              "samples_s_cache", "speedup"]))
+    return rows
 
 
 if __name__ == "__main__":

@@ -131,12 +131,17 @@ class TrainConfig:
     bucket_size: int = 64  # pad the unique-news count of a batch up to a multiple of this
     num_threads: int = 0  # torch intra-op threads (0 = every core of this process's share of the
     #                       machine; the batch-building threads are light)
+    news_cache_refresh_steps: int = 0  # 0 = off: every news of a batch is encoded with gradients.
+    #   k > 0: history news read their vectors from a cache of detached news vectors; a cached vector
+    #   serves the k steps from the one that computed it (k = 1: fresh every step) and is then
+    #   re-encoded (eval mode, no gradient). Candidate news are always encoded with gradients.
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size", "npratio", "log_every_steps", "eval_batch_size",
                   "bucket_size")
         _non_negative(self, "max_steps", "warmup_steps", "num_workers", "checkpoint_every_steps",
-                      "early_stopping_patience", "dev_max_impressions", "num_threads")
+                      "early_stopping_patience", "dev_max_impressions", "num_threads",
+                      "news_cache_refresh_steps")
         _choice(self, "device", ("cpu", "cuda", "auto"))
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr} must be > 0")

@@ -13,6 +13,11 @@ of a distributed run agrees on the global batch before taking its shard of it.
 Each batch lists its *unique* news once (``unique_news``); the model encodes only those and the
 history/candidate slots index into the encoded table (row 0 of the table is the zero vector of the
 padding news). Histories overlap heavily, so this is most of the speed of a training step.
+
+With ``split_history=True`` (the news-vector cache, ``train.news_cache_refresh_steps``) the history
+side is left out of that list: ``unique_news``/``news`` hold the candidates only, and the history's
+distinct news are listed apart (``history_news``, inputs not gathered) for the training step to
+read from its cache, encoding only those due for a refresh.
 """
 from __future__ import annotations
 
@@ -53,6 +58,10 @@ class Batch:
     news: NewsInputs  # what the news encoder reads about unique_news ([U, ...] each)
     global_batch_size: int  # samples in the whole global batch (all ranks)
     batch_index: int  # position of this batch in its epoch
+    # split history (news-vector cache): unique_news/news/candidate_slots cover the candidates only;
+    # history_news int64 [Uh] lists the distinct history news > 0 and history_slots index
+    # [zero; history_news] (slot 0 = padding news)
+    history_news: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -202,9 +211,11 @@ class BatchBuilder:
     def __init__(self, impressions: Impressions, *, batch_size: int, npratio: int, history_len: int, seed: int,
                  features: NewsFeatures | None = None, title_tokens: np.ndarray | None = None,
                  category: np.ndarray | None = None, subcategory: np.ndarray | None = None,
-                 bucket_size: int | None = None, rank: int = 0, world_size: int = 1) -> None:
+                 bucket_size: int | None = None, rank: int = 0, world_size: int = 1,
+                 split_history: bool = False) -> None:
         """``features``: the news inputs by news_idx (``newsrec.data.features``); or, for a words
-        model, the ``title_tokens``/``category``/``subcategory`` arrays it is made of."""
+        model, the ``title_tokens``/``category``/``subcategory`` arrays it is made of.
+        ``split_history``: list the history's news apart from the candidates' (module docstring)."""
         if batch_size < world_size:
             raise ConfigError(f"train.batch_size={batch_size} is smaller than the {world_size} "
                               f"processes; raise train.batch_size (it is the global batch)")
@@ -222,6 +233,7 @@ class BatchBuilder:
         self.bucket_size = bucket_size
         self.rank = rank
         self.world_size = world_size
+        self.split_history = split_history
 
     @property
     def n_samples(self) -> int:
@@ -248,8 +260,17 @@ class BatchBuilder:
                                         axis=1)
         history, history_mask = recent_histories(self.impressions, self.samples.impression_row[local],
                                                  history_len=self.history_len)
-        unique, n_unique, history_slots, candidate_slots = deduplicate(
-            history, candidates, bucket_size=self.bucket_size)
+        history_news = None
+        if self.split_history:
+            unique, n_unique, _, candidate_slots = deduplicate(
+                np.zeros((0, 0), dtype=np.int64), candidates, bucket_size=self.bucket_size)
+            values, inverse = np.unique(history, return_inverse=True)
+            has_pad = len(values) > 0 and values[0] == 0
+            history_news = torch.from_numpy(values[1:] if has_pad else values)
+            history_slots = (inverse.reshape(history.shape) + (0 if has_pad else 1)).astype(np.int64)
+        else:
+            unique, n_unique, history_slots, candidate_slots = deduplicate(
+                history, candidates, bucket_size=self.bucket_size)
         return Batch(
             history=torch.from_numpy(history),
             history_mask=torch.from_numpy(history_mask),
@@ -262,6 +283,7 @@ class BatchBuilder:
             news=NewsInputs.from_arrays(self.features.gather(unique)),
             global_batch_size=len(ids),
             batch_index=batch_index,
+            history_news=history_news,
         )
 
     def epoch_batches(self, epoch: int, *, start_batch: int = 0, num_workers: int = 1,

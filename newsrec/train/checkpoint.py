@@ -5,7 +5,8 @@ back with ``weights_only=True`` (no arbitrary unpickling). Two files are kept in
 folder, each written atomically:
 
     last.pt   model, optimizer, scheduler, RNG states, data position (epoch, batch in epoch),
-              early-stopping state and metrics so far — what ``--resume`` reads
+              early-stopping state and metrics so far, and with ``train.news_cache_refresh_steps`` the
+              news-vector cache rows a continuing run may still read — what ``--resume`` reads
     best.pt   the model weights of the best dev epoch and its metrics
 
 The data position is enough to rebuild the remaining batches: the batch order of an epoch and the
@@ -77,8 +78,9 @@ def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(ckpt_dir: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: TrainState, config_yaml: str) -> Path:
-    """Write ``last.pt`` atomically; returns its path."""
+                    scheduler: Any, state: TrainState, config_yaml: str,
+                    news_cache: dict[str, Any] | None = None) -> Path:
+    """Write ``last.pt`` atomically; returns its path. ``news_cache``: ``NewsVectorCache.state_dict``."""
     payload = {
         "format_version": FORMAT_VERSION,
         "model": cpu_state_dict(model),
@@ -88,6 +90,8 @@ def save_checkpoint(ckpt_dir: str | Path, *, model: torch.nn.Module, optimizer: 
         "state": asdict(state),
         "config_yaml": config_yaml,
     }
+    if news_cache is not None:
+        payload["news_cache"] = news_cache
     path = Path(ckpt_dir) / LAST
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -122,6 +126,20 @@ def load_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
     payload = _load(Path(ckpt_dir) / LAST)
     payload["state"] = TrainState(**payload["state"])
     return payload
+
+
+def load_news_cache(payload: dict[str, Any], cache: Any, path: str | Path) -> None:
+    """Restore a ``NewsVectorCache`` from a loaded ``last.pt`` (ArtifactError when it has none or
+    one of another shape)."""
+    saved = payload.get("news_cache")
+    if saved is None:
+        raise ArtifactError(f"{path}: the checkpoint holds no news-vector cache, but "
+                            f"train.news_cache_refresh_steps={cache.refresh_steps}; resume with the "
+                            f"settings of the interrupted run or train without --resume")
+    try:
+        cache.load_state_dict(saved)
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: {exc}; train without --resume") from None
 
 
 def load_best(ckpt_dir: str | Path) -> dict[str, Any] | None:

@@ -127,3 +127,27 @@ def broadcast(value: Any, ctx: DistContext) -> Any:
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+def all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, ctx: DistContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's ``ids [n_r]`` and ``rows [n_r, D]`` (n_r may differ between ranks), concatenated
+    in rank order on every rank; the identity on one process."""
+    if not ctx.distributed:
+        return ids, rows
+    count = torch.tensor([len(ids)], dtype=torch.int64, device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(ctx.world_size)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    most = max(sizes)
+    if most == 0:
+        return ids[:0], rows[:0]
+    padded_ids = torch.zeros(most, dtype=torch.int64, device=rows.device)
+    padded_ids[:len(ids)] = ids.to(rows.device)
+    padded_rows = rows.new_zeros(most, rows.shape[1])
+    padded_rows[:len(rows)] = rows
+    all_ids = [torch.empty_like(padded_ids) for _ in range(ctx.world_size)]
+    all_rows = [torch.empty_like(padded_rows) for _ in range(ctx.world_size)]
+    dist.all_gather(all_ids, padded_ids)
+    dist.all_gather(all_rows, padded_rows)
+    return (torch.cat([a[:n] for a, n in zip(all_ids, sizes)]),
+            torch.cat([r[:n] for r, n in zip(all_rows, sizes)]))

@@ -3,7 +3,9 @@
 NRMS objective: every click of a training impression, with ``train.npratio`` non-clicks of the same
 impression drawn afresh each epoch, softmax cross-entropy over the 1 + npratio scores (padding
 candidates masked to −inf). AdamW with linear warmup then linear decay, gradient clipping.
-Each step encodes every distinct news of the batch once (``batching``).
+Each step encodes every distinct news of the batch once (``batching``); with
+``train.news_cache_refresh_steps`` the history side reads detached vectors from a cache instead and
+only the candidates (and the history news due for a refresh) are encoded (``news_cache``).
 
 Model selection never sees the split it reports. The fit log is the union of ``train.fit_splits``
 (labelled splits, ordered by time); its latest ``train.holdout_fraction`` (by time) is held out of
@@ -15,10 +17,11 @@ With ``train.holdout_fraction=0`` there is no selection: no early stopping, the 
 
 MODEL_DIR/checkpoints/ holds ``last.pt`` (written every epoch and every
 ``train.checkpoint_every_steps`` steps) and ``best.pt``; ``resume=True`` continues from ``last.pt``
-exactly (same remaining batches, same RNG, same optimizer and schedule).
+exactly (same remaining batches, same RNG, same optimizer and schedule, same news-vector cache).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -36,12 +39,13 @@ from torch import Tensor, nn
 
 from newsrec.config import Config, apply_dataset
 from newsrec.data.artifact import DatasetArtifact, Impressions, concat_impressions, open_dataset
-from newsrec.data.features import news_features
+from newsrec.data.features import NewsFeatures, news_features
 from newsrec.data.schema import MANIFEST
 from newsrec.errors import ArtifactError, ConfigError
 from newsrec.models.inputs import NewsInputs
 from newsrec.train import checkpoint, distributed, tracking
 from newsrec.train.batching import Batch, BatchBuilder
+from newsrec.train.news_cache import NewsVectorCache, pad_to_bucket
 from newsrec.utils.progress import progress
 
 log = logging.getLogger("newsrec.train")
@@ -51,7 +55,7 @@ CHECKPOINT_DIR = "checkpoints"
 # train.epochs or the logging cadence, may change on resume).
 _RESUME_INVARIANT = ("data", "model", "train.batch_size", "train.npratio", "train.seed", "train.lr",
                      "train.weight_decay", "train.warmup_steps", "train.bf16", "train.bucket_size",
-                     "train.fit_splits", "train.holdout_fraction")
+                     "train.fit_splits", "train.holdout_fraction", "train.news_cache_refresh_steps")
 NO_SELECTION = "train.holdout_fraction=0: no model selection (no early stopping); the last epoch is kept"
 
 
@@ -153,13 +157,16 @@ class NRMSObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, news: NewsInputs, history_slots: Tensor, history_mask: Tensor, candidate_slots: Tensor,
-                candidate_mask: Tensor) -> Tensor:
+    def forward(self, news: NewsInputs, history_slots: Tensor | None, history_mask: Tensor,
+                candidate_slots: Tensor, candidate_mask: Tensor, history_vectors: Tensor | None = None) -> Tensor:
         """news: the inputs of the U unique news, history_slots/mask [B, H], candidate_slots/mask [B, C]
-        (column 0 = the click) → summed loss over the B samples (scalar)."""
+        (column 0 = the click) → summed loss over the B samples (scalar). ``history_vectors [B, H, D]``
+        (the news-vector cache's, detached) replace ``table[history_slots]`` when given."""
         news_vectors = self.model.encode_news(news)  # [U, D]
         table = torch.cat([news_vectors.new_zeros(1, news_vectors.shape[1]), news_vectors])  # [U+1, D]
-        user_vectors = self.model.encode_user(table[history_slots], history_mask)  # [B, D]
+        if history_vectors is None:
+            history_vectors = table[history_slots]
+        user_vectors = self.model.encode_user(history_vectors, history_mask)  # [B, D]
         logits = self.model.score(user_vectors, table[candidate_slots]).float()  # [B, C]
         logits = logits.masked_fill(~candidate_mask, float("-inf"))
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -287,10 +294,11 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
     distributed.barrier(ctx)
     if not ctx.is_main:
         features = news_features(dataset, config, show_progress=False)
+    bucket_size = tc.bucket_size if tc.bf16 else None
     builder = BatchBuilder(fit_log.train, features=features, batch_size=tc.batch_size,
                            npratio=tc.npratio, history_len=config.data.history_len, seed=tc.seed,
-                           bucket_size=tc.bucket_size if tc.bf16 else None, rank=ctx.rank,
-                           world_size=ctx.world_size)
+                           bucket_size=bucket_size, rank=ctx.rank, world_size=ctx.world_size,
+                           split_history=tc.news_cache_refresh_steps > 0)
     holdout = fit_log.holdout if ctx.is_main else None
     reported = _reported_impressions(dataset, config) if ctx.is_main else {}
     batches_per_epoch = builder.batches_per_epoch
@@ -305,6 +313,8 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, warmup_steps=tc.warmup_steps, total_steps=total_steps))
+    cache = (NewsVectorCache(features.n_rows, model.news_dim, refresh_steps=tc.news_cache_refresh_steps,
+                             device=ctx.device) if tc.news_cache_refresh_steps else None)
 
     ckpt_dir = out_dir / CHECKPOINT_DIR
     state = checkpoint.TrainState()
@@ -317,6 +327,8 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
         scheduler.load_state_dict(payload["scheduler"])
         checkpoint.set_rng_state(payload["rng"])
         state = payload["state"]
+        if cache is not None:
+            checkpoint.load_news_cache(payload, cache, ckpt_dir / checkpoint.LAST)
         best = checkpoint.load_best(ckpt_dir)
         best_weights = best["model"] if best else None
     elif ctx.is_main:
@@ -326,6 +338,8 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
 
     tracking_cfg = config.tracking if ctx.is_main else dataclasses.replace(config.tracking, enabled=False)
     autocast = torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=tc.bf16)
+    history = (CachedHistory(model, cache, features, autocast=autocast, device=ctx.device,
+                             bucket_size=bucket_size, ctx=ctx) if cache is not None else None)
     config_yaml = config.to_yaml()
     interrupted = False
     train_seconds, train_samples = 0.0, 0
@@ -333,7 +347,8 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
     def save_last() -> None:
         if ctx.is_main:
             checkpoint.save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                                       state=state, config_yaml=config_yaml)
+                                       state=state, config_yaml=config_yaml,
+                                       news_cache=cache.state_dict(state.global_step) if cache else None)
 
     with tracking.start_run(tracking_cfg, run_name=out_dir.name, run_id=state.run_id or None) as run:
         if run.active and not state.run_id:
@@ -359,7 +374,8 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
                                                num_workers=tc.num_workers):
                 step_start = time.perf_counter()
                 loss_sum = _train_step(objective, model, optimizer, scheduler, batch, autocast=autocast,
-                                       device=ctx.device, grad_clip=tc.grad_clip, world_size=ctx.world_size)
+                                       device=ctx.device, grad_clip=tc.grad_clip, world_size=ctx.world_size,
+                                       history=history, step=state.global_step)
                 train_seconds += time.perf_counter() - step_start
                 train_samples += batch.global_batch_size
                 state.batch_in_epoch += 1
@@ -370,9 +386,12 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
                 rate = window_samples * ctx.world_size / max(time.perf_counter() - window_start, 1e-9)
                 bar.set_postfix(loss=f"{window_loss / max(window_samples, 1):.4f}", samples_s=f"{rate:.0f}")
                 if state.global_step % tc.log_every_steps == 0:
-                    tracking.log_metrics({"train_loss": window_loss / max(window_samples, 1),
-                                          "lr": scheduler.get_last_lr()[0], "samples_per_s": rate},
-                                         step=state.global_step)
+                    window = {"train_loss": window_loss / max(window_samples, 1),
+                              "lr": scheduler.get_last_lr()[0], "samples_per_s": rate}
+                    if cache is not None:  # share of the history's distinct news re-encoded
+                        refreshed, read = cache.reset_counters()
+                        window["news_cache_refresh_share"] = refreshed / max(read, 1)
+                    tracking.log_metrics(window, step=state.global_step)
                     window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
                 if tc.checkpoint_every_steps and state.global_step % tc.checkpoint_every_steps == 0:
                     save_last()
@@ -446,9 +465,51 @@ def _kept_record(state: checkpoint.TrainState, *, selection: bool) -> dict[str, 
     return next((r for r in state.history if r["epoch"] == state.best_epoch), {})
 
 
+class CachedHistory:
+    """The history side of a step with the news-vector cache: refresh the batch's due history news
+    (eval mode, no gradient, gathered from ``features`` only for those), then read ``[B, H, D]``."""
+
+    def __init__(self, model: nn.Module, cache: NewsVectorCache, features: NewsFeatures, *, autocast: Any,
+                 device: torch.device, bucket_size: int | None = None,
+                 ctx: distributed.DistContext | None = None) -> None:
+        self.model = model
+        self.cache = cache
+        self.features = features
+        self.autocast = autocast
+        self.device = device
+        self.bucket_size = bucket_size
+        self.ctx = ctx
+
+    def encode(self, news: Tensor) -> Tensor:
+        """Eval-mode, gradient-free vectors of ``news`` (news_idx) → float32 [n, D]."""
+        ids = news.cpu().numpy()
+        inputs = NewsInputs.from_arrays(self.features.gather(pad_to_bucket(ids, self.bucket_size)))
+        was_training = self.model.training
+        self.model.train(False)
+        try:
+            with torch.no_grad(), (self.autocast or contextlib.nullcontext()):
+                vectors = self.model.encode_news(inputs.to(self.device))
+        finally:
+            self.model.train(was_training)
+        return vectors[:len(ids)].float()
+
+    def vectors(self, batch: Batch, step: int) -> Tensor:
+        """The batch's history vectors at ``step`` ``[B, H, D]`` (padding → zeros), detached."""
+        if batch.history_news is None:
+            raise ConfigError("the news-vector cache needs batches built with split_history=True")
+        exchange = None
+        if self.ctx is not None and self.ctx.distributed:
+            ctx = self.ctx
+            exchange = lambda news, rows: distributed.all_gather_rows(news, rows, ctx)  # noqa: E731
+        self.cache.refresh(batch.history_news, step, self.encode, exchange)
+        return self.cache.lookup(batch.history)
+
+
 def _train_step(objective: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                batch: Batch, *, autocast: Any, device: torch.device, grad_clip: float, world_size: int) -> float:
-    """One optimizer step on this rank's shard; returns the shard's summed loss.
+                batch: Batch, *, autocast: Any, device: torch.device, grad_clip: float, world_size: int,
+                history: CachedHistory | None = None, step: int = 0) -> float:
+    """One optimizer step (``step``, 0-based, counted across epochs) on this rank's shard; returns
+    the shard's summed loss. With ``history`` the history vectors come from the news-vector cache.
 
     The loss is scaled by world_size / global batch so that DDP's gradient average equals the
     gradient of the mean loss over the whole global batch (shards may differ in size by one)."""
@@ -456,9 +517,16 @@ def _train_step(objective: nn.Module, model: nn.Module, optimizer: torch.optim.O
         return t.to(device, non_blocking=True)
 
     optimizer.zero_grad(set_to_none=True)
-    with autocast:
-        loss_sum = objective(batch.news.to(device, non_blocking=True), put(batch.history_slots),
-                             put(batch.history_mask), put(batch.candidate_slots), put(batch.candidate_mask))
+    if history is not None:
+        history_vectors = history.vectors(batch, step)
+        with autocast:
+            loss_sum = objective(batch.news.to(device, non_blocking=True), None, put(batch.history_mask),
+                                 put(batch.candidate_slots), put(batch.candidate_mask),
+                                 history_vectors=history_vectors)
+    else:
+        with autocast:
+            loss_sum = objective(batch.news.to(device, non_blocking=True), put(batch.history_slots),
+                                 put(batch.history_mask), put(batch.candidate_slots), put(batch.candidate_mask))
     (loss_sum * (world_size / batch.global_batch_size)).backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
