@@ -31,24 +31,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_torchrun_matches_single_process(tmp_path):
-    data = write_known_answer_artifact(tmp_path / "data")
-    args = []
-    for k, v in OVERRIDES.items():
-        args += ["-o", f"{k}={v}"]
+def torchrun_train(data: Path, out: Path, overrides: dict) -> subprocess.CompletedProcess:
+    """``newsrec train`` under torchrun with 2 CPU processes (gloo); it must succeed."""
+    args = [a for k, v in overrides.items() for a in ("-o", f"{k}={v}")]
     env = dict(os.environ, NEWSREC_PROGRESS="0", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "newsrec", "train", "--data", str(data), "--out", str(tmp_path / "ddp"), *args]
+           "-m", "newsrec", "train", "--data", str(data), "--out", str(out), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def single_process_config(overrides: dict) -> dict:
+    """The same ``section.key`` overrides as a raw config dict for ``fit`` in this process."""
+    raw: dict = {}
+    for k, v in overrides.items():
+        section, key = k.split(".")
+        raw.setdefault(section, {})[key] = False if v == "false" else v
+    return raw
+
+
+def test_two_process_torchrun_matches_single_process(tmp_path):
+    data = write_known_answer_artifact(tmp_path / "data")
+    proc = torchrun_train(data, tmp_path / "ddp", OVERRIDES)
     assert proc.stdout.count("model:") == 1  # only rank 0 reports and saves
     assert "dev (best epoch 1)" in proc.stdout
 
-    raw = {}
-    for k, v in OVERRIDES.items():
-        section, key = k.split(".")
-        raw.setdefault(section, {})[key] = False if v == "false" else v
+    raw = single_process_config(OVERRIDES)
     single = fit(config_from_dict(raw), data_dir=data, out_dir=tmp_path / "single")
     assert single.global_step == 5
 

@@ -263,11 +263,16 @@ def test_training_dev_evaluation_scores_like_evaluate(world, monkeypatch):
     np.testing.assert_allclose(seen[0], world.reference[_candidate_positions(imps, world.rows)], atol=ATOL, rtol=0)
 
 
-def test_submit_ranks_follow_the_scores(world, tmp_path):
-    out = tmp_path / "prediction.zip"
-    result = CliRunner().invoke(main, ["submit", "--model", str(world.model_dir), "--data", str(world.data_dir),
+def _run_split_cli(world, command: str, out) -> None:
+    """``newsrec COMMAND`` over the world's dev split, writing to ``out``; it must succeed."""
+    result = CliRunner().invoke(main, [command, "--model", str(world.model_dir), "--data", str(world.data_dir),
                                        "--split", "dev", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+
+
+def test_submit_ranks_follow_the_scores(world, tmp_path):
+    out = tmp_path / "prediction.zip"
+    _run_split_cli(world, "submit", out)
     ranks = _submission_ranks(out)
     imps = _dev(world)
     for i in world.rows:
@@ -278,9 +283,7 @@ def test_score_cli_writes_the_scores(world, tmp_path):
     from newsrec.eval.scoring import read_scores
 
     out = tmp_path / "scores"
-    result = CliRunner().invoke(main, ["score", "--model", str(world.model_dir), "--data", str(world.data_dir),
-                                       "--split", "dev", "--out", str(out)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    _run_split_cli(world, "score", out)
     frame = read_scores(out)
     imps = _dev(world)
     assert frame["impression_id"].to_list() == np.repeat(imps.impression_id, imps.candidate_counts).tolist()

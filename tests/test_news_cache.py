@@ -5,9 +5,6 @@ learns; the PLM path reads its cache too; torchrun ranks hold the single-process
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -247,21 +244,11 @@ def test_plm_encoder_reads_fresh_cached_states(tmp_path):
 def test_two_process_torchrun_with_the_cache_matches_single_process(known, tmp_path):
     """Each rank refreshes the due news of its shard and all-gathers them: every rank holds the cache
     one process would hold on the whole global batch, so the weights match the single-process run."""
-    from tests.test_distributed import OVERRIDES, _free_port
+    from tests.test_distributed import OVERRIDES, single_process_config, torchrun_train
 
     overrides = {**OVERRIDES, "train.news_cache_refresh_steps": 3, "train.max_steps": 6}
-    args = [a for k, v in overrides.items() for a in ("-o", f"{k}={v}")]
-    env = dict(os.environ, NEWSREC_PROGRESS="0", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "newsrec", "train", "--data", str(known), "--out", str(tmp_path / "ddp"), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-
-    raw: dict = {}
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        raw.setdefault(section, {})[name] = False if value == "false" else value
+    torchrun_train(known, tmp_path / "ddp", overrides)
+    raw = single_process_config(overrides)
     fit(config_from_dict(raw), data_dir=known, out_dir=tmp_path / "single")
     off = {**raw, "train": {**raw["train"], "news_cache_refresh_steps": 0}}
     fit(config_from_dict(off), data_dir=known, out_dir=tmp_path / "off")
