@@ -161,6 +161,7 @@ class TrainConfig:
 
 
 RERANK_USE = ("auto", "always", "never")  # rerank.use: follow the guard, or force either stage
+FIRST_STAGE_SOURCES = ("auto", "retriever", "refit")  # rerank.first_stage
 
 
 @dataclass
@@ -177,12 +178,13 @@ class RerankConfig:
     hard_negatives: int = 4  # retrieved non-clicked news added per training sample
     hard_negative_pool: int = 50  # hard negatives are drawn from the first stage's top this-many
     max_train_impressions: int = 0  # 0 = every impression of the re-ranker's slice; else its most recent this-many
-    train_fraction: float = 0.3  # the latest share of the train log the re-ranker learns from (by time);
-    #                              its first-stage scores come from a first stage fit on the rest
+    train_fraction: float = 0.1  # the latest share of the train log the re-ranker learns from (by time);
+    #                              0.1 = the retriever's own held-out slice at train.holdout_fraction=0.1
     guard_fraction: float = 0.3  # the latest share of that slice held out: epoch selection and the guard
-    refit_first_stage: bool = True  # fit a first stage (the retriever's config) on the train log before
-    #                                 the slice for out-of-sample scores; false: use the retriever's own
-    #                                 scores (right only when it never trained on the slice)
+    first_stage: str = "auto"  # where the slice's out-of-sample first-stage scores come from: "retriever"
+    #                            (it never trained on the slice: the slice is later than its training
+    #                            rows), "refit" (a first stage with the retriever's config fit on the log
+    #                            before the slice), "auto" (retriever where that holds, else refit)
     guard_auc_margin: float = 0.0  # two-stage wins its guard when AUC >= first stage + this ...
     guard_ndcg_tolerance: float = 0.002  # ... and nDCG@10 >= first stage - this
     use: str = "auto"  # where a re-ranker is given: "auto" (only if it won its guard) | "always" | "never"
@@ -209,6 +211,7 @@ class RerankConfig:
                 raise ConfigError(f"rerank.{name}={getattr(self, name)} must be in (0, 1)")
         _non_negative(self, "guard_ndcg_tolerance")
         _choice(self, "use", RERANK_USE)
+        _choice(self, "first_stage", FIRST_STAGE_SOURCES)
 
 
 @dataclass
@@ -370,7 +373,15 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     return config_from_dict(raw, overrides=overrides, source=str(path) if path else "config")
 
 
-def config_from_dict(raw: dict[str, Any], overrides: Iterable[str] = (), source: str = "config") -> Config:
+# keys of earlier releases: (section, old name) -> (new name, the old value as the new key's value).
+# Saved configs (beside models) are translated; a user's config or override naming one is refused.
+RENAMED_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
+    ("rerank", "refit_first_stage"): ("first_stage", lambda refit: "refit" if refit else "retriever"),
+}
+
+
+def config_from_dict(raw: dict[str, Any], overrides: Iterable[str] = (), source: str = "config",
+                     translate_renamed: bool = False) -> Config:
     merged: dict[str, dict[str, Any]] = {}
     errors: list[str] = []
     sections = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -398,6 +409,14 @@ def config_from_dict(raw: dict[str, Any], overrides: Iterable[str] = (), source:
         except yaml.YAMLError:
             value = text
         merged.setdefault(section, {})[name] = value
+    for (section, old), (new, translate) in RENAMED_KEYS.items():
+        if old not in merged.get(section, {}):
+            continue
+        if translate_renamed:
+            merged[section].setdefault(new, translate(merged[section].pop(old)))
+        else:
+            errors.append(f"{source}: {section}.{old} was renamed {section}.{new} (see its comment in "
+                          f"newsrec/config.py)")
     built: dict[str, Any] = {}
     for section, values in merged.items():
         try:
@@ -410,7 +429,7 @@ def config_from_dict(raw: dict[str, Any], overrides: Iterable[str] = (), source:
 
 
 def config_from_yaml_text(text: str) -> Config:
-    return config_from_dict(yaml.safe_load(text) or {}, source="saved config")
+    return config_from_dict(yaml.safe_load(text) or {}, source="saved config", translate_renamed=True)
 
 
 def _section_class(section: str) -> type:
@@ -565,5 +584,5 @@ def saved_model_config(config_path: str | Path | None, overrides: Iterable[str],
     if not saved_path.is_file():
         return given
     saved = config_from_dict(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {},
-                             source=str(saved_path))
+                             source=str(saved_path), translate_renamed=True)
     return apply_saved_model(given, saved, artifact=str(model_dir))

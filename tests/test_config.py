@@ -95,3 +95,15 @@ def test_shipped_configs_load():
             assert load_config(path, ["model.plm_name=some/model"]).model.text_encoder == "plm"
             continue
         load_config(path)
+
+
+def test_renamed_key_is_translated_in_saved_configs_and_named_in_user_configs(tmp_path):
+    from newsrec.config import config_from_yaml_text, load_config
+
+    saved = config_from_yaml_text("rerank:\n  refit_first_stage: false\n")
+    assert saved.rerank.first_stage == "retriever"
+    assert config_from_yaml_text("rerank:\n  refit_first_stage: true\n").rerank.first_stage == "refit"
+    with pytest.raises(ConfigError, match="rerank.refit_first_stage was renamed rerank.first_stage"):
+        load_config(None, ["rerank.refit_first_stage=true"])
+    with pytest.raises(ConfigError, match="rerank.first_stage='sometimes'"):
+        load_config(None, ["rerank.first_stage=sometimes"])

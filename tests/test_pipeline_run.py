@@ -80,3 +80,9 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path):
         dataset.impressions("dev"))
     assert check_submission(third.paths["submission"], test).impressions == len(test)
     assert "final      :" in report(third, refit)
+    # the table's re-ranker learns from the retriever's own held-out slice (out of sample for it);
+    # the final retriever trained on every train row, so the final re-ranker refits a first stage
+    guard = read_json(third.paths["reranker"] / "reranker.json")["guard"]
+    final_guard = read_json(third.paths["final_reranker"] / "reranker.json")["guard"]
+    assert guard["first_stage_source"] == "retriever"
+    assert final_guard["first_stage_source"] == "refit"

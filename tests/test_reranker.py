@@ -329,7 +329,7 @@ def _write_popularity_artifact(root: Path, *, seed: int = 0) -> Path:
 def _config(**rerank: object):
     base: dict[str, object] = dict(hidden_size=16, num_heads=2, epochs=4, batch_size=32, lr=3e-3,
                                    hard_negatives=2, hard_negative_pool=10, npratio=4, dropout=0.0,
-                                   popularity_prior=5.0, eval_batch_size=64)
+                                   popularity_prior=5.0, eval_batch_size=64, train_fraction=0.3)
     base.update(rerank)
     return config_from_dict({
         "data": {"title_len": 6, "history_len": 5},
@@ -370,6 +370,32 @@ def test_two_stage_beats_first_stage_on_popularity(trained):
     assert guard["two_stage"]["auc"] > guard["first_stage"]["auc"]
     manifest = json.loads((result.out_dir / "reranker.json").read_text())
     assert manifest["guard"]["won"] is True and 1 <= manifest["guard"]["best_epoch"] <= 4
+    # the retriever kept no held-out slice (it may have trained on every row): its scores of the
+    # slice would be in-sample, so a first stage was fit on the log before the slice
+    assert manifest["guard"]["first_stage_source"] == "refit"
+
+
+def test_first_stage_source_uses_the_retriever_only_where_it_never_trained():
+    from newsrec.train.rerank import first_stage_source, retriever_trained_until
+
+    def manifest(until: str | None) -> dict:
+        holdout = {"selection": "holdout", "train_time_to": until} if until else {"selection": "none"}
+        return {"extra": {"holdout": holdout}}
+
+    until = manifest("2019-11-14T23:59:59")
+    assert retriever_trained_until(until) == np.datetime64("2019-11-14T23:59:59", "s").astype(np.int64)
+    after = float(np.datetime64("2019-11-15T00:00:00", "s").astype(np.int64))
+    same = after - 1.0  # the second of its last training impression: rows there may be its own
+    assert first_stage_source("auto", until, after) == "retriever"
+    assert first_stage_source("auto", until, same) == "refit"
+    assert first_stage_source("auto", manifest(None), after) == "refit"
+    assert first_stage_source("auto", {}, after) == "refit"
+    assert first_stage_source("refit", until, after) == "refit"
+    assert first_stage_source("retriever", until, after) == "retriever"
+    with pytest.raises(NewsrecError, match="in-sample.*rerank.first_stage=refit"):
+        first_stage_source("retriever", until, same)
+    with pytest.raises(NewsrecError, match="no held-out slice"):
+        first_stage_source("retriever", manifest(None), after)
 
 
 def _slice_log(root: Path):

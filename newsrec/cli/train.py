@@ -79,6 +79,7 @@ def _metrics_line(m: dict) -> str:
 
 
 def _train_reranker(config, *, data_dir: str, out_dir: str, retriever_dir: str | None) -> None:
+    from newsrec.inference.rerank import two_stage_decision
     from newsrec.train.rerank import fit_reranker
 
     if retriever_dir is None:
@@ -86,6 +87,11 @@ def _train_reranker(config, *, data_dir: str, out_dir: str, retriever_dir: str |
     result = fit_reranker(config, retriever_dir=Path(retriever_dir), data_dir=Path(data_dir),
                           out_dir=Path(out_dir))
     click.echo(f"re-ranker: {result.out_dir}  ({result.train_samples} training samples, {result.seconds:.0f} s)")
+    source = result.guard.get("first_stage_source")
+    click.echo(f"first-stage scores of its slice: {source} "
+               + ("(the retriever never trained on the slice)" if source == "retriever"
+                  else "(a first stage fit on the log before the slice)"))
+    click.echo(two_stage_decision({"guard": result.guard}, "auto")[1])
     for name, m in result.metrics.items():
         if isinstance(m, dict) and "auc" in m:
             click.echo(f"dev {name:<12} AUC {m['auc']:.4f}  MRR {m['mrr']:.4f}  "

@@ -5,10 +5,12 @@ frozen first stage, and decides whether it may be used:
 
 1. the train log is cut by time: the re-ranker learns from its latest ``rerank.train_fraction``
    (the slice); the latest ``rerank.guard_fraction`` of the slice is held out (the guard slice);
-2. the first-stage scores it learns from are out-of-sample: a first stage with the retriever's own
-   config is fit on the train log before the slice (``rerank.refit_first_stage``), the slice is
-   scored with it. The retriever itself scores dev, test and serving requests, which it never saw
-   either. The re-ranker reads the retriever's news vectors (those it will meet at serving);
+2. the first-stage scores it learns from are out-of-sample (``rerank.first_stage``): the
+   retriever's own, where the slice is later than every impression it trained on (at the defaults
+   the slice is the retriever's held-out slice, which only chose its epoch), else those of a first
+   stage with the retriever's config fit on the train log before the slice. The retriever itself
+   scores dev, test and serving requests, which it never saw either. The re-ranker reads the
+   retriever's news vectors (those it will meet at serving);
 3. feature rows come from ``newsrec.inference.features.feature_rows`` over the log as the re-ranker
    would see it after the train split: labels (clicks, for popularity) of the train log before the
    slice only, showings of every split strictly before each impression's time — so training rows
@@ -168,6 +170,35 @@ def time_slices(times: np.ndarray, *, train_fraction: float, guard_fraction: flo
                                f"rerank.train_fraction={train_fraction} and rerank.guard_fraction="
                                f"{guard_fraction}; change them or use a longer log")
     return TimeSlices(early=early, fit=fit, guard=guard, slice_start=slice_start, guard_start=guard_start)
+
+
+def retriever_trained_until(manifest: dict[str, Any]) -> float | None:
+    """Seconds since the epoch of the latest impression the retriever whose manifest this is trained
+    on (its held-out slice, which only chose its epoch, excluded); None when that is not recorded
+    (no held-out slice: it trained on its whole fit log, whose end the manifest does not give)."""
+    holdout = (manifest.get("extra") or {}).get("holdout") or {}
+    until = holdout.get("train_time_to")
+    if holdout.get("selection") != "holdout" or not until:
+        return None
+    return float(datetime64_to_seconds(np.array([np.datetime64(until, "s")]))[0])
+
+
+def first_stage_source(setting: str, retriever_manifest: dict[str, Any], slice_start: float) -> str:
+    """Which first stage scores the re-ranker's slice (starting at ``slice_start`` seconds):
+    "retriever" or "refit", by ``rerank.first_stage``. The retriever qualifies only when the slice
+    begins after the second of its last training impression (rows of that second may be its own)."""
+    until = retriever_trained_until(retriever_manifest)
+    out_of_sample = until is not None and slice_start > until
+    if setting == "refit" or (setting == "auto" and not out_of_sample):
+        return "refit"
+    if not out_of_sample:
+        raise NewsrecError(
+            "rerank.first_stage=retriever: the retriever trained on impressions of the re-ranker's slice "
+            + (f"(its training rows end {np.datetime64(int(until), 's')}, the slice begins "
+               f"{np.datetime64(int(slice_start), 's')})" if until is not None
+               else "(it kept no held-out slice)")
+            + "; its scores there are in-sample: use rerank.first_stage=refit or auto")
+    return "retriever"
 
 
 def fit_first_stage_before(retriever: Any, dataset: DatasetArtifact, rows: np.ndarray, workdir: Path) -> Any:
@@ -428,13 +459,14 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
             "log_end": full_log.end_seconds})
 
         # out-of-sample first-stage scores of the slice
-        with tempfile.TemporaryDirectory(prefix="newsrec-first-stage-") as work:
-            if rcfg.refit_first_stage:
+        source = first_stage_source(rcfg.first_stage, retriever.manifest, parts.slice_start)
+        tracking.log_params({"rerank.first_stage_source": source})
+        if source == "refit":
+            with tempfile.TemporaryDirectory(prefix="newsrec-first-stage-") as work:
                 first_model = fit_first_stage_before(retriever, dataset, parts.early, Path(work)).cpu().eval()
-            else:
-                first_model = retriever.model.eval()
-        first_vectors = (encode_all_news(first_model, dataset, batch_size=batch_eval, device=cpu).float()
-                         if rcfg.refit_first_stage else news_vectors)
+            first_vectors = encode_all_news(first_model, dataset, batch_size=batch_eval, device=cpu).float()
+        else:
+            first_model, first_vectors = retriever.model.eval(), news_vectors
         first_history_len = retriever.config.data.history_len
 
         fit_rows = _with_click(all_train, parts.fit, rcfg.max_train_impressions)
@@ -517,7 +549,7 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
         guard_record = {"first_stage": first_metrics, "two_stage": two_metrics, "won": won,
                         "impressions": int(len(guard)), "best_epoch": best_epoch,
                         "auc_margin": rcfg.guard_auc_margin, "ndcg_tolerance": rcfg.guard_ndcg_tolerance,
-                        "first_stage_refit": rcfg.refit_first_stage}
+                        "first_stage_source": source}
         tracking.log_metrics({"guard_first_stage_auc": first_metrics["auc"],
                               "guard_first_stage_ndcg10": first_metrics["ndcg@10"],
                               "guard_two_stage_auc": two_metrics["auc"],
