@@ -221,23 +221,23 @@ def checks(table: dict[str, Any], worlds: list[str]) -> dict[str, dict[str, floa
     """Per world: Fastformer − max(heuristic, logreg) dev AUC (target ≥ +0.01), Fastformer − MHSA
     (target ≥ −0.005), two-stage (as shipped) − first stage in AUC and nDCG@10 (targets ≥ −0.002),
     the same for the two-stage model forced on, history-only − Fastformer."""
-    def dev_auc(row: str, world: str, metric: str = "auc") -> float | None:
+    def dev_mean(row: str, world: str, metric: str = "auc") -> float | None:
         v = table.get(row, {}).get(world, {}).get("dev", {}).get(metric)
         return None if v is None else v["mean"]
 
     out = {}
     for world in worlds:
-        ff = dev_auc("Fastformer", world)
-        hand = [x for x in (dev_auc("heuristic", world), dev_auc("logreg", world)) if x is not None]
+        ff = dev_mean("Fastformer", world)
+        hand = [x for x in (dev_mean("heuristic", world), dev_mean("logreg", world)) if x is not None]
         diff = lambda a, b: None if a is None or b is None else a - b  # noqa: E731
         out[world] = {"fastformer_minus_best_handmade": diff(ff, max(hand) if hand else None),
-                      "fastformer_minus_mhsa": diff(ff, dev_auc("MHSA", world)),
-                      "two_stage_minus_first_stage": diff(dev_auc("Fastformer + re-ranker", world), ff),
+                      "fastformer_minus_mhsa": diff(ff, dev_mean("MHSA", world)),
+                      "two_stage_minus_first_stage": diff(dev_mean("Fastformer + re-ranker", world), ff),
                       "two_stage_minus_first_stage_ndcg10": diff(
-                          dev_auc("Fastformer + re-ranker", world, "ndcg@10"), dev_auc("Fastformer", world, "ndcg@10")),
+                          dev_mean("Fastformer + re-ranker", world, "ndcg@10"), dev_mean("Fastformer", world, "ndcg@10")),
                       "forced_two_stage_minus_first_stage": diff(
-                          dev_auc("Fastformer + re-ranker (forced)", world), ff),
-                      "history_only_minus_fastformer": diff(dev_auc("history-only", world), ff)}
+                          dev_mean("Fastformer + re-ranker (forced)", world), ff),
+                      "history_only_minus_fastformer": diff(dev_mean("history-only", world), ff)}
     return out
 
 
