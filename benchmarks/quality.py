@@ -3,6 +3,7 @@ hand-made baselines, the history-only limit and the oracle, with the spread over
 
     python benchmarks/quality.py [--worlds default,cold-test,...] [--news PATH/news.tsv]
                                  [--seeds 0,1,2] [--size demo] [--work DIR] [-o key=value ...]
+                                 [--report-only | --refit-reranker]
 
 For every (world, seed) cell: ``newsrec synth`` writes the world (``--news`` makes the ``real-*``
 worlds: simulated users over a real MIND news.tsv), the test split is given its true labels from
@@ -19,7 +20,9 @@ then every row is scored on dev and on test:
 
 Dev and test only report; nothing is selected on them. "test cold" is the test impressions whose
 candidates were all unseen in training (the MIND test week's situation). Each finished cell is saved
-under ``--work`` and skipped when the script runs again, so an interrupted run resumes. Writes
+under ``--work`` and skipped when the script runs again, so an interrupted run resumes;
+``--refit-reranker`` fits only the re-ranker again in saved cells (over their trained first stage)
+and re-scores its rows. Writes
 docs/benchmarks/quality.{json,png} and prints the table (mean ± std over the seeds that finished).
 """
 from __future__ import annotations
@@ -141,6 +144,25 @@ def run_cell(world: str, seed: int, *, size: str, news: Path | None, work: Path,
         if summary.get(key):
             rows[name] = {split: _plain(summary[key][split]) for split in ("dev", "test") if split in summary[key]}
 
+    scored = _scorer(dataset, rows, timing, f"{world} seed {seed}", echo)
+    for baseline in ("popularity", "heuristic", "logreg"):
+        scored(baseline, lambda split, b=baseline: evaluate_baseline(b, data_dir, split=split).scores)
+
+    for name, path in (("MHSA", mhsa_config), ("Fastformer", config)):
+        t0 = time.perf_counter()
+        model_cfg = load_config(path, [*overrides, "tracking.enabled=false", f"train.seed={seed}"])
+        fit(model_cfg, data_dir=data_dir, out_dir=models / name.lower())
+        timing[f"{name}_train_s"] = time.perf_counter() - t0
+        scored(name, _model_scores(data_dir, models / name.lower()))
+    guard = rerank_rows(dataset, models, rows, timing, seed=seed, config=config, overrides=overrides, scored=scored)
+    return {"world": world, "seed": seed, "size": size, "rows": rows, "timing": timing, "guard": guard,
+            "synth": {k: summary.get(k) for k in ("users", "news", "splits")}}
+
+
+def _scorer(dataset: Any, rows: dict[str, Any], timing: dict[str, float], label: str,
+            echo: Callable[[str], None]) -> Callable[[str, Callable[[str], np.ndarray]], None]:
+    """``scored(name, score)``: put row ``name``'s dev and test metrics (``score(split)`` gives the
+    split's candidate scores) into ``rows`` and its time into ``timing``."""
     def scored(name: str, score: Callable[[str], np.ndarray]) -> None:
         t0 = time.perf_counter()
         try:
@@ -153,33 +175,31 @@ def run_cell(world: str, seed: int, *, size: str, news: Path | None, work: Path,
             echo(traceback.format_exc())
         timing[f"{name}_s"] = time.perf_counter() - t0
         dev_auc = rows[name].get("dev", {}).get("auc")
-        echo(f"  {world} seed {seed}: {name:<24} dev AUC {dev_auc if dev_auc is None else round(dev_auc, 4)}")
+        echo(f"  {label}: {name:<24} dev AUC {dev_auc if dev_auc is None else round(dev_auc, 4)}")
+    return scored
 
-    for baseline in ("popularity", "heuristic", "logreg"):
-        scored(baseline, lambda split, b=baseline: evaluate_baseline(b, data_dir, split=split).scores)
 
-    def model_scores(model_dir: Path, reranker: Path | None = None,
-                     use: str | None = None) -> Callable[[str], np.ndarray]:
-        return lambda split: evaluate(model_dir, data_dir, split=split, reranker=reranker, rerank_use=use,
-                                      log_to_mlflow=False, show_progress=False).scores
+def _model_scores(data_dir: Path, model_dir: Path, reranker: Path | None = None,
+                  use: str | None = None) -> Callable[[str], np.ndarray]:
+    return lambda split: evaluate(model_dir, data_dir, split=split, reranker=reranker, rerank_use=use,
+                                  log_to_mlflow=False, show_progress=False).scores
 
-    for name, path in (("MHSA", mhsa_config), ("Fastformer", config)):
-        t0 = time.perf_counter()
-        model_cfg = load_config(path, [*overrides, "tracking.enabled=false", f"train.seed={seed}"])
-        fit(model_cfg, data_dir=data_dir, out_dir=models / name.lower())
-        timing[f"{name}_train_s"] = time.perf_counter() - t0
-        scored(name, model_scores(models / name.lower()))
-    t0 = time.perf_counter()
+
+def rerank_rows(dataset: Any, models: Path, rows: dict[str, Any], timing: dict[str, float], *, seed: int,
+                config: Path, overrides: list[str], scored: Callable[..., None]) -> dict[str, Any]:
+    """Fit the re-ranker over the cell's trained Fastformer and score its two rows (as its guard
+    ships it, and forced on); returns the guard record."""
     from newsrec.train.rerank import fit_reranker
 
+    t0 = time.perf_counter()
     rerank_cfg = load_config(config, [*overrides, "tracking.enabled=false", f"rerank.seed={seed}"])
-    guard = fit_reranker(rerank_cfg, retriever_dir=models / "fastformer", data_dir=data_dir,
+    guard = fit_reranker(rerank_cfg, retriever_dir=models / "fastformer", data_dir=dataset.root,
                          out_dir=models / "reranker").guard
     timing["re-ranker_train_s"] = time.perf_counter() - t0
-    scored("Fastformer + re-ranker", model_scores(models / "fastformer", models / "reranker"))
-    scored("Fastformer + re-ranker (forced)", model_scores(models / "fastformer", models / "reranker", "always"))
-    return {"world": world, "seed": seed, "size": size, "rows": rows, "timing": timing, "guard": guard,
-            "synth": {k: summary.get(k) for k in ("users", "news", "splits")}}
+    scored("Fastformer + re-ranker", _model_scores(dataset.root, models / "fastformer", models / "reranker"))
+    scored("Fastformer + re-ranker (forced)",
+           _model_scores(dataset.root, models / "fastformer", models / "reranker", "always"))
+    return guard
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +293,9 @@ def main() -> None:
     parser.add_argument("--mhsa", type=Path, default=REPO / "configs" / "nrms_mhsa.yaml")
     parser.add_argument("-o", "--override", dest="overrides", action="append", default=[])
     parser.add_argument("--report-only", action="store_true", help="aggregate the saved cells, train nothing")
+    parser.add_argument("--refit-reranker", action="store_true",
+                        help="in saved cells, fit the re-ranker again over their trained first stage "
+                             "and re-score its rows (everything else is kept)")
     args = parser.parse_args()
 
     worlds = [w for w in args.worlds.split(",") if w]
@@ -283,18 +306,30 @@ def main() -> None:
         parser.error("the real-* worlds need --news PATH (a real MIND news.tsv)")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     cells: list[dict[str, Any]] = []
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+
     for seed in seeds:  # seed-major: every world gets a first seed before any gets a second
         for world in worlds:
             path = args.work / world / f"seed{seed}" / "cell.json"
             if path.exists():
-                cells.append(json.loads(path.read_text()))
+                cell = json.loads(path.read_text())
+                if args.refit_reranker and not args.report_only:
+                    echo(f"[{world} seed {seed}: re-ranker]")
+                    dataset = open_dataset(path.parent / "dataset")
+                    scored = _scorer(dataset, cell["rows"], cell["timing"], f"{world} seed {seed}", echo)
+                    cell["guard"] = rerank_rows(dataset, path.parent / "models", cell["rows"], cell["timing"],
+                                                seed=seed, config=args.config, overrides=args.overrides,
+                                                scored=scored)
+                    write_json(path, cell)
+                cells.append(cell)
                 continue
             if args.report_only:
                 continue
             print(f"[{world} seed {seed}]", flush=True)
             cell = run_cell(world, seed, size=args.size, news=args.news, work=args.work, config=args.config,
-                            mhsa_config=args.mhsa, overrides=args.overrides,
-                            echo=lambda s: print(s, flush=True))
+                            mhsa_config=args.mhsa, overrides=args.overrides, echo=echo)
             write_json(path, cell)
             cells.append(cell)
 

@@ -185,10 +185,13 @@ class RerankConfig:
     #                            (it never trained on the slice: the slice is later than its training
     #                            rows), "refit" (a first stage with the retriever's config fit on the log
     #                            before the slice), "auto" (retriever where that holds, else refit)
-    guard_auc_margin: float = 0.0  # two-stage wins its guard when AUC >= first stage + this ...
-    guard_ndcg_tolerance: float = 0.002  # ... and nDCG@10 >= first stage - this
+    guard_auc_margin: float = 0.0  # two-stage wins its guard when its AUC gain is above this ...
+    guard_ndcg_tolerance: float = 0.002  # ... and its nDCG@10 gain above minus this, ...
+    guard_z: float = 1.645  # ... each by this many standard errors of the paired per-impression
+    #                         differences (one-sided 95%): AUC surely better, nDCG@10 not surely worse
     use: str = "auto"  # where a re-ranker is given: "auto" (only if it won its guard) | "always" | "never"
-    epochs: int = 2
+    epochs: int = 20  # at most; the epoch with the best guard AUC is kept
+    patience: int = 3  # stop after this many epochs without a better guard AUC (0 = run every epoch)
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -209,7 +212,7 @@ class RerankConfig:
         for name in ("train_fraction", "guard_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ConfigError(f"rerank.{name}={getattr(self, name)} must be in (0, 1)")
-        _non_negative(self, "guard_ndcg_tolerance")
+        _non_negative(self, "guard_ndcg_tolerance", "guard_z", "patience")
         _choice(self, "use", RERANK_USE)
         _choice(self, "first_stage", FIRST_STAGE_SOURCES)
 

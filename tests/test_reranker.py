@@ -536,20 +536,56 @@ def test_time_slices_and_hard_negatives_never_clicked_by_the_user():
 
 
 def test_guard_decides_where_the_two_stage_model_is_used():
-    from newsrec.inference.rerank import two_stage_decision
-    from newsrec.train.rerank import guard_verdict
+    from sklearn.metrics import ndcg_score, roc_auc_score
 
-    first = {"auc": 0.60, "ndcg@10": 0.40}
-    assert guard_verdict(first, {"auc": 0.60, "ndcg@10": 0.3985}, auc_margin=0.0, ndcg_tolerance=0.002)
-    assert not guard_verdict(first, {"auc": 0.599, "ndcg@10": 0.5}, auc_margin=0.0, ndcg_tolerance=0.002)
-    assert not guard_verdict(first, {"auc": 0.70, "ndcg@10": 0.397}, auc_margin=0.0, ndcg_tolerance=0.002)
-    assert not guard_verdict(first, {"auc": 0.605, "ndcg@10": 0.5}, auc_margin=0.01, ndcg_tolerance=0.002)
+    from newsrec.inference.rerank import two_stage_decision
+    from newsrec.train.rerank import guard_comparison
+
+    rng = np.random.default_rng(0)
+    n, c = 300, 5
+    labels = np.zeros((n, c), dtype=np.int8)
+    labels[np.arange(n), rng.integers(0, c, n)] = 1
+    first = rng.normal(size=(n, c))
+    better = first + 2.0 * labels * (rng.random((n, 1)) < 0.5)  # the click lifted in half the impressions
+    offsets = np.arange(0, n * c + 1, c)
+    kw = dict(auc_margin=0.0, ndcg_tolerance=0.002, z=1.645)
+    verdict = guard_comparison(labels.ravel(), offsets, first.ravel(), better.ravel(), **kw)
+    # the gains and their standard errors, computed independently per impression
+    d_auc = [roc_auc_score(labels[i], better[i]) - roc_auc_score(labels[i], first[i]) for i in range(n)]
+    d_ndcg = [ndcg_score(labels[i:i + 1], better[i:i + 1], k=10) - ndcg_score(labels[i:i + 1], first[i:i + 1], k=10)
+              for i in range(n)]
+    assert verdict["auc_gain"] == pytest.approx(np.mean(d_auc))
+    assert verdict["auc_se"] == pytest.approx(np.std(d_auc, ddof=1) / np.sqrt(n))
+    assert verdict["ndcg10_gain"] == pytest.approx(np.mean(d_ndcg))
+    assert verdict["ndcg10_se"] == pytest.approx(np.std(d_ndcg, ddof=1) / np.sqrt(n))
+    assert verdict["two_stage"]["auc"] - verdict["first_stage"]["auc"] == pytest.approx(verdict["auc_gain"])
+    assert verdict["won"]
+    # one lifted impression among three is within the noise (gains [g, 0, 0]: mean = se): not a win
+    d_auc = np.asarray(d_auc)
+    few = np.concatenate([np.flatnonzero(d_auc > 0.2)[:1], np.flatnonzero(d_auc == 0)[:2]])
+    assert len(few) == 3
+    noisy = guard_comparison(labels[few].ravel(), offsets[:4], first[few].ravel(), better[few].ravel(), **kw)
+    assert noisy["auc_gain"] > 0.06 and noisy["auc_se"] == pytest.approx(noisy["auc_gain"]) and not noisy["won"]
+    # an identical ranking gains nothing: not a win (the first stage is used)
+    assert not guard_comparison(labels.ravel(), offsets, first.ravel(), first.ravel(), **kw)["won"]
+    # AUC surely better but nDCG@10 surely worse: two clicks, [c n n n c] -> [n c c n n]
+    lab = np.tile([1, 0, 0, 0, 1], 50)
+    before, after = np.tile([5.0, 4, 3, 2, 1], 50), np.tile([4.0, 5, 2, 1, 3], 50)
+    lost_ndcg = guard_comparison(lab, np.arange(0, 251, 5), before, after, **kw)
+    assert lost_ndcg["auc_gain"] == pytest.approx(1 / 6) and lost_ndcg["ndcg10_gain"] < -0.1
+    assert not lost_ndcg["won"]
+    # a margin the gain does not clear
+    assert not guard_comparison(labels.ravel(), offsets, first.ravel(), better.ravel(),
+                                **{**kw, "auc_margin": verdict["auc_gain"]})["won"]
+    first = verdict["first_stage"]
     lost = {"guard": {"won": False, "impressions": 9, "first_stage": first, "two_stage": {"auc": 0.5, "ndcg@10": 0.3}}}
     won = {"guard": {**lost["guard"], "won": True}}
     assert two_stage_decision(won, "auto")[0] and not two_stage_decision(lost, "auto")[0]
     on, why = two_stage_decision(lost, "auto")
     assert "did not beat the first stage" in why and "0.5000" in why and "\n" not in why
     assert two_stage_decision(lost, "always")[0] and not two_stage_decision(won, "never")[0]
+    on, why = two_stage_decision({"guard": {**lost_ndcg, "impressions": 50}}, "auto")
+    assert not on and "gains +0.1667 ± 0.0000 AUC" in why and "\n" not in why
     with pytest.raises(Exception, match="rerank.use"):
         two_stage_decision(won, "on")
 

@@ -19,11 +19,15 @@ frozen first stage, and decides whether it may be used:
    (drawn afresh each epoch) plus ``rerank.hard_negatives`` retrieved negatives — news the first
    stage ranks in its top ``rerank.hard_negative_pool`` for that user among the news available at
    the impression's time, never any news the user clicked anywhere in the train log; softmax
-   cross-entropy; AdamW. Features that are constant over the training rows are dropped;
-5. after each epoch both stages are measured on the guard slice; the best epoch (two-stage AUC) is
-   kept; the guard records both stages' AUC and nDCG@10 there and whether the two-stage model won
-   (AUC >= first stage + ``rerank.guard_auc_margin``, nDCG@10 >= first stage −
-   ``rerank.guard_ndcg_tolerance``). ``rerank.use`` = auto uses the two-stage model only then;
+   cross-entropy; AdamW at a constant rate after a warm-up of at most one epoch. Features that are
+   constant over the training rows are dropped;
+5. after each epoch the two-stage model is measured on the guard slice; training stops after
+   ``rerank.patience`` epochs without a better guard AUC (at most ``rerank.epochs``) and the best
+   epoch is kept. The guard records both stages' metrics there, the paired per-impression gains
+   with their standard errors, and whether the two-stage model won (``guard_comparison``: AUC surely
+   better, nDCG@10 not surely worse, at ``rerank.guard_z`` standard errors). ``rerank.use`` = auto
+   uses the two-stage model only then. The guard's rows also chose the epoch, which flatters the
+   two-stage model by the best of a few correlated epochs (docs/decisions.md);
 6. dev metrics of both stages are reported (never used to choose anything); all goes to MLflow and
    the re-ranker's manifest.
 """
@@ -401,10 +405,39 @@ def evaluate_retrieved(retriever: Any, reranker: LoadedReranker, impressions: Im
 # the stage
 
 
-def guard_verdict(first: dict[str, Any], two: dict[str, Any], *, auc_margin: float,
-                  ndcg_tolerance: float) -> bool:
-    """Whether the two-stage model won: AUC >= first + margin and nDCG@10 >= first − tolerance."""
-    return bool(two["auc"] >= first["auc"] + auc_margin and two["ndcg@10"] >= first["ndcg@10"] - ndcg_tolerance)
+def paired_gain(first: np.ndarray, two: np.ndarray) -> tuple[float, float, int]:
+    """Mean and standard error of the per-impression differences ``two − first`` (float [n] each,
+    NaN where a metric is undefined), over the impressions where both are defined, and their count.
+    The standard error is inf below two impressions."""
+    ok = np.isfinite(first) & np.isfinite(two)
+    d = two[ok] - first[ok]
+    if len(d) == 0:
+        return 0.0, math.inf, 0
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
+    return float(d.mean()), se, int(len(d))
+
+
+def guard_comparison(labels: np.ndarray, offsets: np.ndarray, first_scores: np.ndarray, two_scores: np.ndarray,
+                     *, auc_margin: float, ndcg_tolerance: float, z: float) -> dict[str, Any]:
+    """Both stages on the guard slice's impressions and whether the two-stage model won there.
+
+    The gains are means of paired per-impression differences (two-stage − first stage; AUC over
+    impressions with a click and a non-click, nDCG@10 over impressions with a click), each with its
+    standard error ``se``. The two-stage model wins when ``auc_gain − z·se > auc_margin`` (its AUC is
+    surely better) and ``ndcg10_gain + z·se >= −ndcg_tolerance`` (its nDCG@10 is not surely worse).
+    A slice of a few hundred impressions measures a gain to ±0.005–0.02; a bare comparison of two
+    means there is a coin toss whenever the true gain is smaller. Returns {"first_stage",
+    "two_stage" (``compute_metrics``), "auc_gain", "auc_se", "ndcg10_gain", "ndcg10_se", "z", "won"}.
+    """
+    from newsrec.eval.metrics import impression_metrics, summarize
+
+    per_first = impression_metrics(labels, first_scores, offsets)
+    per_two = impression_metrics(labels, two_scores, offsets)
+    auc_gain, auc_se, _ = paired_gain(per_first["auc"], per_two["auc"])
+    ndcg_gain, ndcg_se, _ = paired_gain(per_first["ndcg@10"], per_two["ndcg@10"])
+    won = bool(auc_gain - z * auc_se > auc_margin and ndcg_gain + z * ndcg_se >= -ndcg_tolerance)
+    return {"first_stage": summarize(per_first), "two_stage": summarize(per_two), "auc_gain": auc_gain,
+            "auc_se": auc_se, "ndcg10_gain": ndcg_gain, "ndcg10_se": ndcg_se, "z": z, "won": won}
 
 
 def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | Path,
@@ -506,12 +539,11 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
         vectors = torch.from_numpy(tables.vectors)
         optimizer = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, weight_decay=rcfg.weight_decay)
         steps_per_epoch = math.ceil(len(samples) / rcfg.batch_size)
-        total_steps = steps_per_epoch * rcfg.epochs
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / max(1, min(100, total_steps // 10)))
-            * max(0.05, 1.0 - s / max(1, total_steps)))
-        first_metrics = compute_metrics(guard.labels, guard_first, guard.candidate_offsets)
-        best: tuple[float, int, dict[str, torch.Tensor], dict[str, Any]] | None = None
+        # linear warm-up over (at most) the first epoch, then constant: where training stops is the
+        # guard's call (patience), so the rate never depends on how many epochs were allowed
+        warmup = max(1, min(100, steps_per_epoch))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        best: tuple[float, int, dict[str, torch.Tensor], np.ndarray] | None = None
         step = 0
         for epoch in range(rcfg.epochs):
             model.train()
@@ -539,22 +571,26 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
             tracking.log_metrics({"rerank_epoch_loss": running, "guard_two_stage_auc": two_metrics["auc"],
                                   "guard_two_stage_ndcg10": two_metrics["ndcg@10"]}, step=step)
             if best is None or two_metrics["auc"] > best[0]:
-                best = (two_metrics["auc"], epoch + 1, copy.deepcopy(model.state_dict()), two_metrics)
-        _, best_epoch, state, two_metrics = best
+                best = (two_metrics["auc"], epoch + 1, copy.deepcopy(model.state_dict()), two)
+            elif rcfg.patience and epoch + 1 - best[1] >= rcfg.patience:
+                break
+        _, best_epoch, state, best_two = best
         model.load_state_dict(state)
         model.cpu().eval()
         reranker.device = cpu
-        won = guard_verdict(first_metrics, two_metrics, auc_margin=rcfg.guard_auc_margin,
-                            ndcg_tolerance=rcfg.guard_ndcg_tolerance)
-        guard_record = {"first_stage": first_metrics, "two_stage": two_metrics, "won": won,
-                        "impressions": int(len(guard)), "best_epoch": best_epoch,
-                        "auc_margin": rcfg.guard_auc_margin, "ndcg_tolerance": rcfg.guard_ndcg_tolerance,
-                        "first_stage_source": source}
-        tracking.log_metrics({"guard_first_stage_auc": first_metrics["auc"],
-                              "guard_first_stage_ndcg10": first_metrics["ndcg@10"],
-                              "guard_two_stage_auc": two_metrics["auc"],
-                              "guard_two_stage_ndcg10": two_metrics["ndcg@10"], "guard_won": float(won),
-                              "rerank_best_epoch": best_epoch})
+        verdict = guard_comparison(guard.labels, guard.candidate_offsets, guard_first, best_two,
+                                   auc_margin=rcfg.guard_auc_margin, ndcg_tolerance=rcfg.guard_ndcg_tolerance,
+                                   z=rcfg.guard_z)
+        won = verdict["won"]
+        guard_record = {**verdict, "impressions": int(len(guard)), "best_epoch": best_epoch,
+                        "epochs_run": epoch + 1, "auc_margin": rcfg.guard_auc_margin,
+                        "ndcg_tolerance": rcfg.guard_ndcg_tolerance, "first_stage_source": source}
+        tracking.log_metrics({"guard_first_stage_auc": verdict["first_stage"]["auc"],
+                              "guard_first_stage_ndcg10": verdict["first_stage"]["ndcg@10"],
+                              "guard_two_stage_auc": verdict["two_stage"]["auc"],
+                              "guard_two_stage_ndcg10": verdict["two_stage"]["ndcg@10"],
+                              "guard_auc_gain_se": verdict["auc_se"], "guard_ndcg10_gain_se": verdict["ndcg10_se"],
+                              "guard_won": float(won), "rerank_best_epoch": best_epoch})
 
         metrics: dict[str, dict[str, Any]] = {}
         if dev is not None and dev.labels is not None:  # reported, never used to choose
