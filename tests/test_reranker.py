@@ -538,8 +538,13 @@ def test_time_slices_and_hard_negatives_never_clicked_by_the_user():
 def test_guard_decides_where_the_two_stage_model_is_used():
     from sklearn.metrics import ndcg_score, roc_auc_score
 
+    from newsrec.eval.metrics import impression_metrics
     from newsrec.inference.rerank import two_stage_decision
-    from newsrec.train.rerank import guard_comparison
+    from newsrec.train.rerank import guard_comparison as compare_per_impression
+
+    def guard_comparison(labels, offsets, first_scores, two_scores, **kw):
+        return compare_per_impression(impression_metrics(labels, first_scores, offsets),
+                                      impression_metrics(labels, two_scores, offsets), **kw)
 
     rng = np.random.default_rng(0)
     n, c = 300, 5
@@ -588,6 +593,33 @@ def test_guard_decides_where_the_two_stage_model_is_used():
     assert not on and "gains +0.1667 ± 0.0000 AUC" in why and "\n" not in why
     with pytest.raises(Exception, match="rerank.use"):
         two_stage_decision(won, "on")
+
+
+def test_guard_verdict_never_rests_on_an_impressions_own_choice_of_epoch():
+    from newsrec.train.rerank import cross_fitted, guard_halves
+
+    def epoch(auc):  # per-impression metrics of one epoch (only what cross_fitted reads)
+        auc = np.asarray(auc, dtype=float)
+        return {"auc": auc, "mrr": auc + 1, "ndcg@5": auc + 2, "ndcg@10": auc + 3,
+                "valid": np.ones(len(auc), bool), "clicks": np.ones(len(auc), np.int64),
+                "candidates": np.full(len(auc), 5, np.int64)}
+
+    half = np.array([0, 0, 1, 1], dtype=np.int8)
+    # epoch 1 looks best on half 0 only, epoch 2 on half 1 only, epoch 3 is nowhere best
+    per_epoch = [epoch([0.9, 0.9, 0.5, 0.5]), epoch([0.6, 0.6, 0.8, 0.8]), epoch([0.1, 0.1, 0.1, 0.1])]
+    out, chosen = cross_fitted(per_epoch, half)
+    assert chosen == [1, 2]
+    # half 0 is scored by the epoch chosen on half 1, half 1 by the one chosen on half 0
+    assert out["auc"].tolist() == [0.6, 0.6, 0.5, 0.5]
+    assert out["ndcg@10"].tolist() == [3.6, 3.6, 3.5, 3.5]
+    assert out["clicks"].tolist() == [1, 1, 1, 1]
+    # halves follow users (a user's impressions together), both halves get impressions
+    users = np.array([f"U{i % 7}" for i in range(40)], dtype=object)
+    halves = guard_halves(users)
+    assert set(halves.tolist()) == {0, 1}
+    for u in set(users):
+        assert len(set(halves[users == u].tolist())) == 1
+    assert guard_halves(np.array(["U1", "U1", "U1"], dtype=object)).tolist() == [0, 1, 0]
 
 
 def test_evaluate_follows_rerank_use(trained, tmp_path):

@@ -23,11 +23,12 @@ frozen first stage, and decides whether it may be used:
    constant over the training rows are dropped;
 5. after each epoch the two-stage model is measured on the guard slice; training stops after
    ``rerank.patience`` epochs without a better guard AUC (at most ``rerank.epochs``) and the best
-   epoch is kept. The guard records both stages' metrics there, the paired per-impression gains
-   with their standard errors, and whether the two-stage model won (``guard_comparison``: AUC surely
-   better, nDCG@10 not surely worse, at ``rerank.guard_z`` standard errors). ``rerank.use`` = auto
-   uses the two-stage model only then. The guard's rows also chose the epoch, which flatters the
-   two-stage model by the best of a few correlated epochs (docs/decisions.md);
+   epoch is kept. The verdict is cross-fitted so that choosing the epoch does not flatter it: the
+   guard's users are split in two halves, and each half is scored by the epoch that was best on
+   the other (``cross_fitted``). The guard records both stages' metrics, the paired per-impression
+   gains with their standard errors, and whether the two-stage model won (``guard_comparison``: AUC
+   surely better, nDCG@10 not surely worse, at ``rerank.guard_z`` standard errors). ``rerank.use``
+   = auto uses the two-stage model only then;
 6. dev metrics of both stages are reported (never used to choose anything); all goes to MLflow and
    the re-ranker's manifest.
 """
@@ -38,6 +39,7 @@ import dataclasses
 import math
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,8 @@ from newsrec.data import schema
 from newsrec.data.artifact import DatasetArtifact, Impressions, concat_impressions, open_dataset
 from newsrec.data.popularity import datetime64_to_seconds, unseen_in_train
 from newsrec.errors import ArtifactError, NewsrecError
+from newsrec.eval.metrics import (METRIC_NAMES, compute_metrics, impression_metrics, select_candidates,
+                                  summarize)
 from newsrec.inference.features import (FEATURE_NAMES, EventLog, LogCounts, news_tables, padded_candidates,
                                         right_padded)
 from newsrec.inference.histories import padded_histories
@@ -345,8 +349,6 @@ def compare_on_impressions(labels: np.ndarray, offsets: np.ndarray, first_stage:
                            two_stage: np.ndarray, cold: np.ndarray) -> dict[str, dict[str, Any]]:
     """Metrics of both stages on the impressions' candidates, overall and on cold candidates only
     (each impression restricted to its candidates where ``cold`` [M] is True)."""
-    from newsrec.eval.metrics import compute_metrics, select_candidates
-
     out = {"first_stage": compute_metrics(labels, first_stage, offsets),
            "two_stage": compute_metrics(labels, two_stage, offsets)}
     lab_c, first_c, off_c = select_candidates(labels, first_stage, offsets, cold)
@@ -364,8 +366,6 @@ def evaluate_retrieved(retriever: Any, reranker: LoadedReranker, impressions: Im
     the impression shows it clicked. The first stage ranks by its score, the two-stage model re-ranks
     the same list. ``log``: what the log tells before each impression (``EventLog.of_dataset``). Returns {"first_stage", "two_stage"} metrics (impressions where no click was
     retrieved count as ``no_click``) plus "recall" (share of clicks retrieved)."""
-    from newsrec.eval.metrics import compute_metrics
-
     model = getattr(retriever, "model", retriever)
     history_len = retriever.config.data.history_len
     vectors = torch.from_numpy(reranker.tables.vectors)
@@ -417,9 +417,36 @@ def paired_gain(first: np.ndarray, two: np.ndarray) -> tuple[float, float, int]:
     return float(d.mean()), se, int(len(d))
 
 
-def guard_comparison(labels: np.ndarray, offsets: np.ndarray, first_scores: np.ndarray, two_scores: np.ndarray,
-                     *, auc_margin: float, ndcg_tolerance: float, z: float) -> dict[str, Any]:
-    """Both stages on the guard slice's impressions and whether the two-stage model won there.
+def guard_halves(user_id: np.ndarray) -> np.ndarray:
+    """int8 [n]: the half (0 or 1) of each guard impression, by a stable hash of its user, so that a
+    user's impressions stay together; by alternating impressions when the users fall in one half."""
+    half = np.array([zlib.crc32(str(u).encode("utf-8")) & 1 for u in user_id], dtype=np.int8)
+    if len(half) > 1 and half.min() == half.max():
+        half = (np.arange(len(half)) % 2).astype(np.int8)
+    return half
+
+
+def cross_fitted(per_epoch: list[dict[str, np.ndarray]], half: np.ndarray) -> tuple[dict[str, np.ndarray], list[int]]:
+    """The two-stage model's per-impression guard metrics (``impression_metrics`` of each epoch in
+    ``per_epoch``) where each impression's come from the epoch with the best mean AUC on the *other*
+    half (``half`` int8 [n]) — so the verdict on an impression never rests on its own choice of
+    epoch. Returns the metrics and the epochs (1-based) chosen on half 0 and half 1."""
+    chosen = []
+    for h in (0, 1):
+        means = [float(np.nanmean(m["auc"][half == h])) if np.isfinite(m["auc"][half == h]).any() else -math.inf
+                 for m in per_epoch]
+        chosen.append(int(np.argmax(means)))
+    out = dict(per_epoch[0])
+    for name in METRIC_NAMES:
+        # impressions of half 0 take the epoch chosen on half 1, and the other way round
+        out[name] = np.where(half == 0, per_epoch[chosen[1]][name], per_epoch[chosen[0]][name])
+    return out, [c + 1 for c in chosen]
+
+
+def guard_comparison(first: dict[str, np.ndarray], two: dict[str, np.ndarray], *, auc_margin: float,
+                     ndcg_tolerance: float, z: float) -> dict[str, Any]:
+    """Both stages on the guard slice (per-impression metrics of the same impressions, as
+    ``impression_metrics`` gives them) and whether the two-stage model won there.
 
     The gains are means of paired per-impression differences (two-stage − first stage; AUC over
     impressions with a click and a non-click, nDCG@10 over impressions with a click), each with its
@@ -427,16 +454,12 @@ def guard_comparison(labels: np.ndarray, offsets: np.ndarray, first_scores: np.n
     surely better) and ``ndcg10_gain + z·se >= −ndcg_tolerance`` (its nDCG@10 is not surely worse).
     A slice of a few hundred impressions measures a gain to ±0.005–0.02; a bare comparison of two
     means there is a coin toss whenever the true gain is smaller. Returns {"first_stage",
-    "two_stage" (``compute_metrics``), "auc_gain", "auc_se", "ndcg10_gain", "ndcg10_se", "z", "won"}.
+    "two_stage" (``summarize``), "auc_gain", "auc_se", "ndcg10_gain", "ndcg10_se", "z", "won"}.
     """
-    from newsrec.eval.metrics import impression_metrics, summarize
-
-    per_first = impression_metrics(labels, first_scores, offsets)
-    per_two = impression_metrics(labels, two_scores, offsets)
-    auc_gain, auc_se, _ = paired_gain(per_first["auc"], per_two["auc"])
-    ndcg_gain, ndcg_se, _ = paired_gain(per_first["ndcg@10"], per_two["ndcg@10"])
+    auc_gain, auc_se, _ = paired_gain(first["auc"], two["auc"])
+    ndcg_gain, ndcg_se, _ = paired_gain(first["ndcg@10"], two["ndcg@10"])
     won = bool(auc_gain - z * auc_se > auc_margin and ndcg_gain + z * ndcg_se >= -ndcg_tolerance)
-    return {"first_stage": summarize(per_first), "two_stage": summarize(per_two), "auc_gain": auc_gain,
+    return {"first_stage": summarize(first), "two_stage": summarize(two), "auc_gain": auc_gain,
             "auc_se": auc_se, "ndcg10_gain": ndcg_gain, "ndcg10_se": ndcg_se, "z": z, "won": won}
 
 
@@ -444,7 +467,6 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
                  out_dir: str | Path) -> RerankFitResult:
     """Train the re-ranker on ``data_dir``'s train log over the frozen first stage in
     ``retriever_dir``; write RERANKER_DIR ``out_dir`` (see ``newsrec.inference.rerank``)."""
-    from newsrec.eval.metrics import compute_metrics
     from newsrec.inference.model_io import check_compatible, load_model
     from newsrec.train import tracking
 
@@ -543,7 +565,9 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
         # guard's call (patience), so the rate never depends on how many epochs were allowed
         warmup = max(1, min(100, steps_per_epoch))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-        best: tuple[float, int, dict[str, torch.Tensor], np.ndarray] | None = None
+        first_per = impression_metrics(guard.labels, guard_first, guard.candidate_offsets)
+        per_epoch: list[dict[str, np.ndarray]] = []  # the two-stage model's guard metrics, epoch by epoch
+        best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         step = 0
         for epoch in range(rcfg.epochs):
             model.train()
@@ -567,22 +591,24 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
             model.eval()
             two = reranker.score_impressions(guard, retrieval_scores=guard_first, log=train_log,
                                              batch_size=rcfg.eval_batch_size, show_progress=False)
-            two_metrics = compute_metrics(guard.labels, two, guard.candidate_offsets)
+            per_epoch.append(impression_metrics(guard.labels, two, guard.candidate_offsets))
+            two_metrics = summarize(per_epoch[-1])
             tracking.log_metrics({"rerank_epoch_loss": running, "guard_two_stage_auc": two_metrics["auc"],
                                   "guard_two_stage_ndcg10": two_metrics["ndcg@10"]}, step=step)
             if best is None or two_metrics["auc"] > best[0]:
-                best = (two_metrics["auc"], epoch + 1, copy.deepcopy(model.state_dict()), two)
+                best = (two_metrics["auc"], epoch + 1, copy.deepcopy(model.state_dict()))
             elif rcfg.patience and epoch + 1 - best[1] >= rcfg.patience:
                 break
-        _, best_epoch, state, best_two = best
+        _, best_epoch, state = best
         model.load_state_dict(state)
         model.cpu().eval()
         reranker.device = cpu
-        verdict = guard_comparison(guard.labels, guard.candidate_offsets, guard_first, best_two,
-                                   auc_margin=rcfg.guard_auc_margin, ndcg_tolerance=rcfg.guard_ndcg_tolerance,
-                                   z=rcfg.guard_z)
+        two_per, verdict_epochs = cross_fitted(per_epoch, guard_halves(guard.user_id))
+        verdict = guard_comparison(first_per, two_per, auc_margin=rcfg.guard_auc_margin,
+                                   ndcg_tolerance=rcfg.guard_ndcg_tolerance, z=rcfg.guard_z)
         won = verdict["won"]
         guard_record = {**verdict, "impressions": int(len(guard)), "best_epoch": best_epoch,
+                        "verdict_epochs": verdict_epochs,
                         "epochs_run": epoch + 1, "auc_margin": rcfg.guard_auc_margin,
                         "ndcg_tolerance": rcfg.guard_ndcg_tolerance, "first_stage_source": source}
         tracking.log_metrics({"guard_first_stage_auc": verdict["first_stage"]["auc"],
