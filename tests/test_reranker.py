@@ -571,6 +571,11 @@ def test_guard_decides_where_the_two_stage_model_is_used():
     assert len(few) == 3
     noisy = guard_comparison(labels[few].ravel(), offsets[:4], first[few].ravel(), better[few].ravel(), **kw)
     assert noisy["auc_gain"] > 0.06 and noisy["auc_se"] == pytest.approx(noisy["auc_gain"]) and not noisy["won"]
+    # one impression has no standard error: never a win, and the record stays plain JSON
+    single = guard_comparison(labels[few[:1]].ravel(), offsets[:2], first[few[:1]].ravel(), better[few[:1]].ravel(), **kw)
+    assert single["auc_gain"] > 0.2 and single["auc_se"] is None and not single["won"]
+    json.dumps(single, allow_nan=False)
+    assert "± ? AUC" in two_stage_decision({"guard": {**single, "impressions": 1}}, "auto")[1]
     # an identical ranking gains nothing: not a win (the first stage is used)
     assert not guard_comparison(labels.ravel(), offsets, first.ravel(), first.ravel(), **kw)["won"]
     # AUC surely better but nDCG@10 surely worse: two clicks, [c n n n c] -> [n c c n n]

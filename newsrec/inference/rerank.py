@@ -137,9 +137,10 @@ def two_stage_decision(manifest: dict[str, Any], use: str) -> tuple[bool, str]:
         f, t = guard["first_stage"], guard["two_stage"]
         seen = (f"on its held-out slice ({guard['impressions']} impressions): two-stage AUC "
                 f"{t['auc']:.4f} vs first stage {f['auc']:.4f}, nDCG@10 {t['ndcg@10']:.4f} vs {f['ndcg@10']:.4f}")
-        if "auc_se" in guard:  # paired gains with their standard errors
-            seen += (f" (gains {guard['auc_gain']:+.4f} ± {guard['auc_se']:.4f} AUC, "
-                     f"{guard['ndcg10_gain']:+.4f} ± {guard['ndcg10_se']:.4f} nDCG@10)")
+        if "auc_se" in guard:  # paired gains with their standard errors (None: too few impressions)
+            se = {k: "?" if guard[k] is None else f"{guard[k]:.4f}" for k in ("auc_se", "ndcg10_se")}
+            seen += (f" (gains {guard['auc_gain']:+.4f} ± {se['auc_se']} AUC, "
+                     f"{guard['ndcg10_gain']:+.4f} ± {se['ndcg10_se']} nDCG@10)")
     else:
         seen = "no guard recorded"
     if use == "never":

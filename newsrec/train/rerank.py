@@ -454,13 +454,15 @@ def guard_comparison(first: dict[str, np.ndarray], two: dict[str, np.ndarray], *
     surely better) and ``ndcg10_gain + z·se >= −ndcg_tolerance`` (its nDCG@10 is not surely worse).
     A slice of a few hundred impressions measures a gain to ±0.005–0.02; a bare comparison of two
     means there is a coin toss whenever the true gain is smaller. Returns {"first_stage",
-    "two_stage" (``summarize``), "auc_gain", "auc_se", "ndcg10_gain", "ndcg10_se", "z", "won"}.
+    "two_stage" (``summarize``), "auc_gain", "auc_se", "ndcg10_gain", "ndcg10_se" (None below two
+    impressions, which never win), "z", "won"}.
     """
     auc_gain, auc_se, _ = paired_gain(first["auc"], two["auc"])
     ndcg_gain, ndcg_se, _ = paired_gain(first["ndcg@10"], two["ndcg@10"])
     won = bool(auc_gain - z * auc_se > auc_margin and ndcg_gain + z * ndcg_se >= -ndcg_tolerance)
+    finite = lambda se: se if math.isfinite(se) else None  # noqa: E731  (None: fewer than two impressions)
     return {"first_stage": summarize(first), "two_stage": summarize(two), "auc_gain": auc_gain,
-            "auc_se": auc_se, "ndcg10_gain": ndcg_gain, "ndcg10_se": ndcg_se, "z": z, "won": won}
+            "auc_se": finite(auc_se), "ndcg10_gain": ndcg_gain, "ndcg10_se": finite(ndcg_se), "z": z, "won": won}
 
 
 def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | Path,
