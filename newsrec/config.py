@@ -175,7 +175,8 @@ class RerankConfig:
     history_len: int = 0  # most recent clicks read per candidate; 0 = data.history_len
     popularity_prior: float = 20.0  # pseudo-impressions shrinking click-through toward the mean
     npratio: int = 4  # impression non-clicks drawn per click, afresh each epoch
-    hard_negatives: int = 4  # retrieved non-clicked news added per training sample
+    hard_negatives: int = 0  # retrieved never-shown news added per training sample as negatives
+    #                          (0: impression negatives only; see docs/decisions.md, "Hard negatives")
     hard_negative_pool: int = 50  # hard negatives are drawn from the first stage's top this-many
     max_train_impressions: int = 0  # 0 = every impression of the re-ranker's slice; else its most recent this-many
     train_fraction: float = 0.1  # the latest share of the train log the re-ranker learns from (by time);

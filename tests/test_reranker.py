@@ -249,6 +249,45 @@ def test_untrained_reranker_ranks_as_the_first_stage():
     model = Reranker(RerankConfig(hidden_size=8, num_heads=2), news_dim=D, n_features=len(FEATURE_NAMES)).eval()
     hist, mask, cand, feats = _inputs()
     torch.testing.assert_close(model(hist, mask, cand, feats), feats[..., 0])
+    # with the training rows' statistics: the standardised first-stage score, the same order
+    f = len(FEATURE_NAMES)
+    model.set_feature_stats(np.linspace(-1.0, 1.0, f), np.linspace(0.5, 2.0, f))
+    got = model(hist, mask, cand, feats)
+    torch.testing.assert_close(got, (feats[..., 0] + 1.0) / 0.5)
+    assert torch.equal(torch.argsort(got, dim=-1), torch.argsort(feats[..., 0], dim=-1))
+
+
+def test_reranker_weights_saved_before_the_linear_path_score_as_they_did(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from newsrec.models.reranker import load_weights, save_weights
+
+    torch.manual_seed(0)
+    cfg = RerankConfig(hidden_size=8, num_heads=2)
+    f = len(FEATURE_NAMES)
+    model = Reranker(cfg, news_dim=D, n_features=f).eval()
+    model.set_feature_stats(np.linspace(-1.0, 1.0, f), np.linspace(0.5, 2.0, f))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    hist, mask, cand, feats = _inputs()
+    # the old formula: retrieval_weight · raw first-stage score + MLP correction, no linear path
+    users, c = model.user_vectors(hist, mask, cand)
+    normed = (feats - model.feature_mean) / model.feature_std * model.feature_used
+    old = (model.retrieval_weight * feats[..., 0]
+           + model.head(torch.cat([users, c, users * c, normed], dim=-1)).squeeze(-1))
+    save_weights(model, tmp_path / "new.safetensors")
+    state = load_file(str(tmp_path / "new.safetensors"))
+    del state["feature_linear.weight"], state["retrieval_standardised"]
+    save_file(state, str(tmp_path / "old.safetensors"))
+    legacy = load_weights(cfg, tmp_path / "old.safetensors", news_dim=D, n_features=f)
+    torch.testing.assert_close(legacy(hist, mask, cand, feats), old.detach())
+    current = load_weights(cfg, tmp_path / "new.safetensors", news_dim=D, n_features=f)
+    torch.testing.assert_close(current(hist, mask, cand, feats), model(hist, mask, cand, feats).detach())
+    del state["head.0.weight"]
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(ArtifactError, match="do not fit"):
+        load_weights(cfg, tmp_path / "broken.safetensors", news_dim=D, n_features=f)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,10 +11,14 @@ re-ranker never encodes text and is cheap at serve time. For each (user, candida
    outputs are pooled by an attention also seeded by the candidate → a candidate-aware user vector
    ``u_c [d]``. The history is projected once per user and never repeated per candidate: the cost
    is O(N·d² + C·d² + C·N·d) for N clicks and C candidates;
-3. a small MLP over ``[u_c, c', u_c ⊙ c', features]`` gives a correction added to the first-stage
-   score: ``score = a · features[..., 0] + MLP(...)`` (feature 0 is the first stage's score) with
-   ``a`` starting at 1 and the MLP's last layer at 0, so an untrained re-ranker ranks exactly as
-   the first stage.
+3. the score is ``a · z(s) + w · f + MLP([u_c, c', u_c ⊙ c', f])``: ``s = features[..., 0]`` is the
+   first stage's score and ``z(s)`` its standardised value (by the training rows' mean and std, as
+   every feature), ``f`` the standardised features, ``w · f`` their direct linear say, and the
+   small MLP the candidate-aware correction. ``a`` starts at 1, ``w`` and the MLP's last layer at
+   0, so an untrained re-ranker ranks exactly as the first stage (a positive scale and shift keep
+   every impression's order). Standardising ``s`` puts ``a`` and ``w`` on one scale: with the raw
+   score (whose spread is several units) a feature had to grow a weight many times larger, at
+   the same learning rate, to move a ranking at all.
 
 Features arrive as a tensor (``newsrec.inference.features`` makes them); the module normalises them
 by statistics of its training rows and multiplies out the ones those rows left constant
@@ -134,14 +138,18 @@ class Reranker(nn.Module):
         self.head = nn.Sequential(nn.Linear(3 * d + n_features, d), nn.GELU(), nn.Dropout(cfg.dropout),
                                   nn.Linear(d, 1))
         self.retrieval_weight = nn.Parameter(torch.ones(()))
+        self.feature_linear = nn.Linear(n_features, 1, bias=False)  # the features' direct, linear say
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
         self.register_buffer("feature_used", torch.ones(n_features))  # 0 = constant in training: dropped
+        self.register_buffer("retrieval_standardised", torch.ones(()))  # 0: the raw score (older weights)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         nn.init.zeros_(self.head[-1].weight)  # start as the first stage: score = retrieval score
+        nn.init.zeros_(self.feature_linear.weight)
 
     def set_feature_stats(self, mean: np.ndarray, std: np.ndarray, *, min_std: float = 1e-6) -> np.ndarray:
         """Normalisation of the features (float [F] each) from the training rows; a feature whose
@@ -170,11 +178,19 @@ class Reranker(nn.Module):
         users, cand = self.user_vectors(history_vectors, history_mask, candidate_vectors)  # (B, C, d) each
         normed = (features - self.feature_mean) / self.feature_std * self.feature_used  # (B, C, F)
         correction = self.head(torch.cat([users, cand, users * cand, normed], dim=-1)).squeeze(-1)
-        return self.retrieval_weight * features[..., RETRIEVAL_FEATURE] + correction  # (B, C)
+        linear = self.feature_linear(normed).squeeze(-1)
+        retrieval = features[..., RETRIEVAL_FEATURE]
+        standardised = (retrieval - self.feature_mean[RETRIEVAL_FEATURE]) / self.feature_std[RETRIEVAL_FEATURE]
+        retrieval = torch.lerp(retrieval, standardised, self.retrieval_standardised)
+        return self.retrieval_weight * retrieval + linear + correction  # (B, C)
 
 
 # ------------------------------------------------------------------------------------------------
 # weights
+
+
+# state entries a re-ranker saved before they existed lacks, and the value that scores as it did
+LEGACY_STATE = {"feature_linear.weight": 0.0, "retrieval_standardised": 0.0}
 
 
 def save_weights(model: Reranker, path: str | Path) -> None:
@@ -184,10 +200,16 @@ def save_weights(model: Reranker, path: str | Path) -> None:
 
 def load_weights(cfg: RerankConfig, path: str | Path, *, news_dim: int, n_features: int,
                  map_location: str = "cpu") -> Reranker:
-    """A ``Reranker`` built from ``cfg`` with the weights at ``path``, in eval mode."""
+    """A ``Reranker`` built from ``cfg`` with the weights at ``path``, in eval mode. Weights saved
+    before the linear feature path and the standardised first-stage score existed load with the
+    values that score exactly as they did (``LEGACY_STATE``)."""
     model = Reranker(cfg, news_dim=news_dim, n_features=n_features)
     state = load_file(str(path), device=map_location)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    for name in [m for m in missing if m in LEGACY_STATE]:
+        own[name].fill_(LEGACY_STATE[name])
+    missing = [m for m in missing if m not in LEGACY_STATE]
     if missing or unexpected:
         raise ArtifactError(f"{path}: weights do not fit the configured re-ranker "
                             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
