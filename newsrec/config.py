@@ -186,10 +186,13 @@ class RerankConfig:
     #                            (it never trained on the slice: the slice is later than its training
     #                            rows), "refit" (a first stage with the retriever's config fit on the log
     #                            before the slice), "auto" (retriever where that holds, else refit)
-    guard_auc_margin: float = 0.0  # two-stage wins its guard when its AUC gain is above this ...
-    guard_ndcg_tolerance: float = 0.002  # ... and its nDCG@10 gain above minus this, ...
-    guard_z: float = 1.645  # ... each by this many standard errors of the paired per-impression
-    #                         differences (one-sided 95%): AUC surely better, nDCG@10 not surely worse
+    # the two-stage model wins its guard when its AUC gain (cross-fitted, paired per impression) is
+    # guard_auc_z standard errors above guard_auc_margin, and its nDCG@10 gain is not guard_ndcg_z
+    # standard errors below -guard_ndcg_tolerance (not surely worse)
+    guard_auc_margin: float = 0.0
+    guard_auc_z: float = 0.0  # 0: the gain's estimate decides (positive expected gain)
+    guard_ndcg_tolerance: float = 0.002
+    guard_ndcg_z: float = 1.645  # one-sided 95%
     use: str = "auto"  # where a re-ranker is given: "auto" (only if it won its guard) | "always" | "never"
     epochs: int = 20  # at most; the epoch with the best guard AUC is kept
     patience: int = 3  # stop after this many epochs without a better guard AUC (0 = run every epoch)
@@ -213,7 +216,7 @@ class RerankConfig:
         for name in ("train_fraction", "guard_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ConfigError(f"rerank.{name}={getattr(self, name)} must be in (0, 1)")
-        _non_negative(self, "guard_ndcg_tolerance", "guard_z", "patience")
+        _non_negative(self, "guard_ndcg_tolerance", "guard_auc_z", "guard_ndcg_z", "patience")
         _choice(self, "use", RERANK_USE)
         _choice(self, "first_stage", FIRST_STAGE_SOURCES)
 

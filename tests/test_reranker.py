@@ -592,7 +592,9 @@ def test_guard_decides_where_the_two_stage_model_is_used():
     first = rng.normal(size=(n, c))
     better = first + 2.0 * labels * (rng.random((n, 1)) < 0.5)  # the click lifted in half the impressions
     offsets = np.arange(0, n * c + 1, c)
-    kw = dict(auc_margin=0.0, ndcg_tolerance=0.002, z=1.645)
+    defaults = RerankConfig()
+    kw = dict(auc_margin=defaults.guard_auc_margin, auc_z=defaults.guard_auc_z,
+              ndcg_tolerance=defaults.guard_ndcg_tolerance, ndcg_z=defaults.guard_ndcg_z)
     verdict = guard_comparison(labels.ravel(), offsets, first.ravel(), better.ravel(), **kw)
     # the gains and their standard errors, computed independently per impression
     d_auc = [roc_auc_score(labels[i], better[i]) - roc_auc_score(labels[i], first[i]) for i in range(n)]
@@ -604,12 +606,15 @@ def test_guard_decides_where_the_two_stage_model_is_used():
     assert verdict["ndcg10_se"] == pytest.approx(np.std(d_ndcg, ddof=1) / np.sqrt(n))
     assert verdict["two_stage"]["auc"] - verdict["first_stage"]["auc"] == pytest.approx(verdict["auc_gain"])
     assert verdict["won"]
-    # one lifted impression among three is within the noise (gains [g, 0, 0]: mean = se): not a win
+    # one lifted impression among three (gains [g, 0, 0]: mean = se): a positive estimate, which the
+    # default rule takes; asking for the gain to stand 1.645 standard errors clear refuses it
     d_auc = np.asarray(d_auc)
     few = np.concatenate([np.flatnonzero(d_auc > 0.2)[:1], np.flatnonzero(d_auc == 0)[:2]])
     assert len(few) == 3
     noisy = guard_comparison(labels[few].ravel(), offsets[:4], first[few].ravel(), better[few].ravel(), **kw)
-    assert noisy["auc_gain"] > 0.06 and noisy["auc_se"] == pytest.approx(noisy["auc_gain"]) and not noisy["won"]
+    assert noisy["auc_gain"] > 0.06 and noisy["auc_se"] == pytest.approx(noisy["auc_gain"]) and noisy["won"]
+    assert not guard_comparison(labels[few].ravel(), offsets[:4], first[few].ravel(), better[few].ravel(),
+                                **{**kw, "auc_z": 1.645})["won"]
     # one impression has no standard error: never a win, and the record stays plain JSON
     single = guard_comparison(labels[few[:1]].ravel(), offsets[:2], first[few[:1]].ravel(), better[few[:1]].ravel(), **kw)
     assert single["auc_gain"] > 0.2 and single["auc_se"] is None and not single["won"]

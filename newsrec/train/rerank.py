@@ -16,9 +16,11 @@ frozen first stage, and decides whether it may be used:
    slice only, showings of every split strictly before each impression's time — so training rows
    hold news shown since the labels end, with exposure and no clicks, as dev, test and serving do;
 4. samples are NRMS-style: each click with ``rerank.npratio`` non-clicks of the same impression
-   (drawn afresh each epoch) plus ``rerank.hard_negatives`` retrieved negatives — news the first
-   stage ranks in its top ``rerank.hard_negative_pool`` for that user among the news available at
-   the impression's time, never any news the user clicked anywhere in the train log; softmax
+   (drawn afresh each epoch) plus ``rerank.hard_negatives`` (default 0) retrieved negatives —
+   news the first stage ranks in its top ``rerank.hard_negative_pool`` for that user among the
+   news available at the impression's time, never any news the user clicked anywhere in the train
+   log (they teach "never shown" as "not clicked", which hurt every impression ranking measured;
+   docs/decisions.md); softmax
    cross-entropy; AdamW at a constant rate after a warm-up of at most one epoch. Features that are
    constant over the training rows are dropped;
 5. after each epoch the two-stage model is measured on the guard slice; training stops after
@@ -27,8 +29,9 @@ frozen first stage, and decides whether it may be used:
    guard's users are split in two halves, and each half is scored by the epoch that was best on
    the other (``cross_fitted``). The guard records both stages' metrics, the paired per-impression
    gains with their standard errors, and whether the two-stage model won (``guard_comparison``: AUC
-   surely better, nDCG@10 not surely worse, at ``rerank.guard_z`` standard errors). ``rerank.use``
-   = auto uses the two-stage model only then;
+   gain above ``rerank.guard_auc_margin`` by ``rerank.guard_auc_z`` standard errors, nDCG@10 not
+   surely worse, by ``rerank.guard_ndcg_z``). ``rerank.use`` = auto uses the two-stage model only
+   then;
 6. dev metrics of both stages are reported (never used to choose anything); all goes to MLflow and
    the re-ranker's manifest.
 """
@@ -444,25 +447,27 @@ def cross_fitted(per_epoch: list[dict[str, np.ndarray]], half: np.ndarray) -> tu
 
 
 def guard_comparison(first: dict[str, np.ndarray], two: dict[str, np.ndarray], *, auc_margin: float,
-                     ndcg_tolerance: float, z: float) -> dict[str, Any]:
+                     auc_z: float, ndcg_tolerance: float, ndcg_z: float) -> dict[str, Any]:
     """Both stages on the guard slice (per-impression metrics of the same impressions, as
     ``impression_metrics`` gives them) and whether the two-stage model won there.
 
     The gains are means of paired per-impression differences (two-stage − first stage; AUC over
     impressions with a click and a non-click, nDCG@10 over impressions with a click), each with its
-    standard error ``se``. The two-stage model wins when ``auc_gain − z·se > auc_margin`` (its AUC is
-    surely better) and ``ndcg10_gain + z·se >= −ndcg_tolerance`` (its nDCG@10 is not surely worse).
-    A slice of a few hundred impressions measures a gain to ±0.005–0.02; a bare comparison of two
-    means there is a coin toss whenever the true gain is smaller. Returns {"first_stage",
+    standard error ``se``. The two-stage model wins when ``auc_gain − auc_z·se > auc_margin`` and
+    ``ndcg10_gain + ndcg_z·se >= −ndcg_tolerance`` (its nDCG@10 is not surely worse). A slice of a
+    few hundred impressions measures a gain to ±0.005–0.02; a bare comparison of two nDCG means
+    there is a coin toss whenever the true difference is smaller. Returns {"first_stage",
     "two_stage" (``summarize``), "auc_gain", "auc_se", "ndcg10_gain", "ndcg10_se" (None below two
-    impressions, which never win), "z", "won"}.
+    impressions, which never win), "won"}.
     """
     auc_gain, auc_se, _ = paired_gain(first["auc"], two["auc"])
     ndcg_gain, ndcg_se, _ = paired_gain(first["ndcg@10"], two["ndcg@10"])
-    won = bool(auc_gain - z * auc_se > auc_margin and ndcg_gain + z * ndcg_se >= -ndcg_tolerance)
+    measured = math.isfinite(auc_se) and math.isfinite(ndcg_se)
+    won = bool(measured and auc_gain - auc_z * auc_se > auc_margin
+               and ndcg_gain + ndcg_z * ndcg_se >= -ndcg_tolerance)
     finite = lambda se: se if math.isfinite(se) else None  # noqa: E731  (None: fewer than two impressions)
     return {"first_stage": summarize(first), "two_stage": summarize(two), "auc_gain": auc_gain,
-            "auc_se": finite(auc_se), "ndcg10_gain": ndcg_gain, "ndcg10_se": finite(ndcg_se), "z": z, "won": won}
+            "auc_se": finite(auc_se), "ndcg10_gain": ndcg_gain, "ndcg10_se": finite(ndcg_se), "won": won}
 
 
 def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | Path,
@@ -606,13 +611,14 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
         model.cpu().eval()
         reranker.device = cpu
         two_per, verdict_epochs = cross_fitted(per_epoch, guard_halves(guard.user_id))
-        verdict = guard_comparison(first_per, two_per, auc_margin=rcfg.guard_auc_margin,
-                                   ndcg_tolerance=rcfg.guard_ndcg_tolerance, z=rcfg.guard_z)
+        verdict = guard_comparison(first_per, two_per, auc_margin=rcfg.guard_auc_margin, auc_z=rcfg.guard_auc_z,
+                                   ndcg_tolerance=rcfg.guard_ndcg_tolerance, ndcg_z=rcfg.guard_ndcg_z)
         won = verdict["won"]
         guard_record = {**verdict, "impressions": int(len(guard)), "best_epoch": best_epoch,
                         "verdict_epochs": verdict_epochs,
-                        "epochs_run": epoch + 1, "auc_margin": rcfg.guard_auc_margin,
-                        "ndcg_tolerance": rcfg.guard_ndcg_tolerance, "first_stage_source": source}
+                        "epochs_run": epoch + 1, "auc_margin": rcfg.guard_auc_margin, "auc_z": rcfg.guard_auc_z,
+                        "ndcg_tolerance": rcfg.guard_ndcg_tolerance, "ndcg_z": rcfg.guard_ndcg_z,
+                        "first_stage_source": source}
         tracking.log_metrics({"guard_first_stage_auc": verdict["first_stage"]["auc"],
                               "guard_first_stage_ndcg10": verdict["first_stage"]["ndcg@10"],
                               "guard_two_stage_auc": verdict["two_stage"]["auc"],
