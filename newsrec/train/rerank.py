@@ -20,9 +20,8 @@ frozen first stage, and decides whether it may be used:
    news the first stage ranks in its top ``rerank.hard_negative_pool`` for that user among the
    news available at the impression's time, never any news the user clicked anywhere in the train
    log (they teach "never shown" as "not clicked", which hurt every impression ranking measured;
-   docs/decisions.md); softmax
-   cross-entropy; AdamW at a constant rate after a warm-up of at most one epoch. Features that are
-   constant over the training rows are dropped;
+   docs/decisions.md); softmax cross-entropy; AdamW at a constant rate after a warm-up of at most
+   one epoch. Features that are constant over the training rows are dropped;
 5. after each epoch the two-stage model is measured on the guard slice; training stops after
    ``rerank.patience`` epochs without a better guard AUC (at most ``rerank.epochs``) and the best
    epoch is kept. The verdict is cross-fitted so that choosing the epoch does not flatter it: the
@@ -408,16 +407,15 @@ def evaluate_retrieved(retriever: Any, reranker: LoadedReranker, impressions: Im
 # the stage
 
 
-def paired_gain(first: np.ndarray, two: np.ndarray) -> tuple[float, float, int]:
+def paired_gain(first: np.ndarray, two: np.ndarray) -> tuple[float, float]:
     """Mean and standard error of the per-impression differences ``two − first`` (float [n] each,
-    NaN where a metric is undefined), over the impressions where both are defined, and their count.
-    The standard error is inf below two impressions."""
+    NaN where a metric is undefined), over the impressions where both are defined. The standard
+    error is inf below two impressions."""
     ok = np.isfinite(first) & np.isfinite(two)
     d = two[ok] - first[ok]
     if len(d) == 0:
-        return 0.0, math.inf, 0
-    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
-    return float(d.mean()), se, int(len(d))
+        return 0.0, math.inf
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
 
 
 def guard_halves(user_id: np.ndarray) -> np.ndarray:
@@ -460,8 +458,8 @@ def guard_comparison(first: dict[str, np.ndarray], two: dict[str, np.ndarray], *
     "two_stage" (``summarize``), "auc_gain", "auc_se", "ndcg10_gain", "ndcg10_se" (None below two
     impressions, which never win), "won"}.
     """
-    auc_gain, auc_se, _ = paired_gain(first["auc"], two["auc"])
-    ndcg_gain, ndcg_se, _ = paired_gain(first["ndcg@10"], two["ndcg@10"])
+    auc_gain, auc_se = paired_gain(first["auc"], two["auc"])
+    ndcg_gain, ndcg_se = paired_gain(first["ndcg@10"], two["ndcg@10"])
     measured = math.isfinite(auc_se) and math.isfinite(ndcg_se)
     won = bool(measured and auc_gain - auc_z * auc_se > auc_margin
                and ndcg_gain + ndcg_z * ndcg_se >= -ndcg_tolerance)
@@ -621,8 +619,9 @@ def fit_reranker(config: Config, *, retriever_dir: str | Path, data_dir: str | P
                         "first_stage_source": source}
         tracking.log_metrics({"guard_first_stage_auc": verdict["first_stage"]["auc"],
                               "guard_first_stage_ndcg10": verdict["first_stage"]["ndcg@10"],
-                              "guard_two_stage_auc": verdict["two_stage"]["auc"],
-                              "guard_two_stage_ndcg10": verdict["two_stage"]["ndcg@10"],
+                              # cross-fitted: not the per-epoch series logged under guard_two_stage_*
+                              "guard_crossfit_two_stage_auc": verdict["two_stage"]["auc"],
+                              "guard_crossfit_two_stage_ndcg10": verdict["two_stage"]["ndcg@10"],
                               "guard_auc_gain_se": verdict["auc_se"], "guard_ndcg10_gain_se": verdict["ndcg10_se"],
                               "guard_won": float(won), "rerank_best_epoch": best_epoch})
 
