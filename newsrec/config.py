@@ -73,6 +73,11 @@ class ModelConfig:
     # the published NRMS/Fastformer architecture
     category_lift: bool = True
     category_lift_smoothing: float = 0.01  # a in log((share + a) / (base + a))
+    # a second wide part (words only): the news side holds its title's TF-IDF vector projected on
+    # this many latent dimensions (LSA of all the dataset's titles), the user side the mean of its
+    # clicks' blocks under a learned weight, so the dot product holds a learned multiple of the
+    # classic content-based score (docs/decisions.md: why); 0 = off
+    title_match_dim: int = 0
 
     def __post_init__(self) -> None:
         _choice(self, "encoder", ("fastformer", "mhsa"))
@@ -80,7 +85,7 @@ class ModelConfig:
         _choice(self, "news_views", ("sum", "attention"))
         _positive(self, "embedding_dim", "hidden_size", "num_heads", "num_layers", "pooling_hidden",
                   "plm_max_len", "plm_batch_size", "max_entities", "entity_dim")
-        _non_negative(self, "user_num_layers", "plm_finetune_layers")
+        _non_negative(self, "user_num_layers", "plm_finetune_layers", "title_match_dim")
         if not self.category_lift_smoothing > 0:
             raise ConfigError(f"model.category_lift_smoothing={self.category_lift_smoothing} must be > 0")
         if not 0.0 <= self.word_dropout < 1.0:
@@ -89,9 +94,9 @@ class ModelConfig:
             if not self.plm_name:
                 raise ConfigError("model.text_encoder=plm needs model.plm_name (a Hugging Face model "
                                   "folder or hub id), e.g. -o model.plm_name=PATH")
-            if self.word_dropout or self.freeze_embeddings:
-                raise ConfigError("model.word_dropout and model.freeze_embeddings apply to "
-                                  "model.text_encoder=words only; unset them with text_encoder=plm")
+            if self.word_dropout or self.freeze_embeddings or self.title_match_dim:
+                raise ConfigError("model.word_dropout, model.freeze_embeddings and model.title_match_dim apply "
+                                  "to model.text_encoder=words only; unset them with text_encoder=plm")
         elif self.plm_name or self.plm_finetune_layers:
             raise ConfigError("model.plm_name and model.plm_finetune_layers apply to "
                               "model.text_encoder=plm only; set model.text_encoder=plm or unset them")
@@ -231,10 +236,11 @@ class BaselineConfig:
     logreg_max_rows: int = 1_000_000  # train candidates the regression is fitted on (seeded sample of
     #                                   impressions above; 0.5M and 2M gave the same coefficients to 0.01)
     seed: int = 42
+    title_match_dim: int = 128  # title-match: latent dimensions of the titles' TF-IDF (LSA)
 
     def __post_init__(self) -> None:
         _non_negative(self, "popularity_prior")
-        _positive(self, "share_smoothing", "logreg_c", "logreg_max_rows")
+        _positive(self, "share_smoothing", "logreg_c", "logreg_max_rows", "title_match_dim")
 
 
 @dataclass

@@ -360,3 +360,31 @@ def test_model_category_lift_block_is_the_share_lift_score(tiny):
             wide = float(user[0, deep:] @ news[candidate, deep:])
             _, _, lift_cat, lift_sub = _python_lifts(history, candidate, a, base_cat, base_sub)
             assert wide == pytest.approx(lift_cat + 0.5 * lift_sub, abs=1e-5), (split, history, candidate)
+
+
+def test_title_match_baseline_equals_plain_python(tiny):
+    from newsrec.data.features import title_match_vectors
+
+    vocab = 10
+    write_json(tiny.root / schema.VOCAB, {"words": ["<pad>", "<unk>", *[f"w{i}" for i in range(vocab - 2)]]})
+    tokens = np.random.default_rng(0).integers(2, vocab, size=(len(TINY_NEWS) + 1, 4)).astype(np.int32)
+    tokens[0] = 0  # the padding news
+    tokens[3, 2:] = 0
+    tokens[5, 0] = 1  # an unknown word
+    np.save(tiny.root / schema.TITLE_TOKENS, tokens)
+    dataset = DatasetArtifact(tiny.root)
+    dev = dataset.impressions("dev")
+    scores = baseline_scores("title-match", dataset, dev, BaselineConfig(title_match_dim=3)).scores
+    rows = title_match_vectors(tokens, vocab, 3)
+    expected = []
+    for split, _, _, history, cands in TINY_BEHAVIORS:
+        if split != "dev":
+            continue
+        blocks = {n: sum(rows[w] for w in tokens[n]) for n in set(history) | {c for c, _ in cands}}
+        blocks = {n: v / math.sqrt(sum(x * x for x in v)) for n, v in blocks.items()}
+        for candidate, _ in cands:
+            expected.append(sum(float(blocks[candidate] @ blocks[h]) for h in history) / len(history)
+                            if history else 0.0)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    assert scores[4] == 0.0 and scores[5] == 0.0  # the empty history
+    assert len(set(np.round(scores[:4], 5))) > 1  # the titles differ, and so do the scores

@@ -356,3 +356,133 @@ def test_pretrained_entity_vectors_are_loaded_frozen() -> None:
     np.testing.assert_array_equal(weight.detach().numpy()[1:], vectors[1:])
     assert not weight[0].any() and not weight.requires_grad
     assert model.news_encoder.entity_projection.weight.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# the title-match block (model.title_match_dim)
+
+
+def _numpy_tfidf(titles: np.ndarray) -> np.ndarray:
+    """Plain numpy: L2-normalised term-count × smoothed-idf rows [n, VOCAB] of the titles with a
+    known word (ids > 1)."""
+    titles = titles[(titles > 1).any(axis=1)]
+    counts = np.zeros((len(titles), VOCAB))
+    for i, title in enumerate(titles):
+        for word in title[title > 1]:
+            counts[i, word] += 1
+    df = (counts > 0).sum(axis=0)
+    idf = np.log((1 + len(titles)) / (1 + df)) + 1
+    idf[:2] = 0
+    rows = counts * idf
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def _match_titles() -> np.ndarray:
+    g = np.random.default_rng(5)
+    titles = g.integers(2, 12, size=(30, TITLE_LEN))  # a small vocabulary: words recur
+    titles[g.random(titles.shape) < 0.3] = 0
+    titles[3] = 0  # a title of padding only
+    titles[4, :2] = 1  # unknown words weigh nothing
+    return titles
+
+
+def test_title_tfidf_matches_scikit_learn() -> None:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from newsrec.data.features import title_tfidf
+
+    titles = _match_titles()
+    matrix, idf = title_tfidf(titles, VOCAB)
+    docs = [[str(w) for w in t if w > 1] for t in titles if (t > 1).any()]
+    fitted = TfidfVectorizer(analyzer=lambda words: words, smooth_idf=True).fit(docs)
+    for word, column in fitted.vocabulary_.items():
+        assert idf[int(word)] == pytest.approx(fitted.idf_[column])
+    assert idf[0] == 0 and idf[1] == 0  # <pad>, <unk>
+    np.testing.assert_allclose(matrix.toarray(), _numpy_tfidf(titles), atol=1e-12)
+
+
+def _history_of(model: NewsRecommender, titles: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        news = model.encode_news(torch.from_numpy(titles[:6]))
+    return news[torch.tensor([[0, 1, 5, 2]])], torch.tensor([[True, True, True, False]])
+
+
+def test_title_match_block_is_the_weighted_lsa_cosine_and_refuses_plm() -> None:
+    """The news block is the title's TF-IDF row projected on the top right singular vectors of all
+    titles' TF-IDF matrix (numpy's exact SVD here), normalised; the wide dot product is
+    weight / spread × the mean cosine with the history's blocks, and an untrained block (weight 0)
+    scores exactly as the model without it."""
+    from newsrec.errors import ConfigError
+    from newsrec.data.features import title_match_vectors
+
+    titles, k = _match_titles(), 6
+    vectors = title_match_vectors(titles, VOCAB, k)
+    assert vectors.shape == (VOCAB, k)
+    few = title_match_vectors(titles[:3], VOCAB, k)  # three titles hold two components, the rest are zero
+    assert np.count_nonzero(few[:, :2]) > 0 and np.count_nonzero(few[:, 2:]) == 0
+    torch.manual_seed(0)
+    model = NewsRecommender(_cfg(title_match_dim=k, category_lift=True), vocab_size=VOCAB, n_categories=N_CAT,
+                            n_subcategories=N_SUB, max_history=8, title_match_vectors=vectors).eval()
+    start = HIDDEN + N_CAT + N_SUB
+    assert model.news_dim == start + k
+    tokens = torch.from_numpy(titles[:6])
+    untrained = model.score(model.encode_user(*_history_of(model, titles)), model.encode_news(torch.from_numpy(titles[:6]))[None])
+    torch.manual_seed(0)
+    without = NewsRecommender(_cfg(category_lift=True), vocab_size=VOCAB, n_categories=N_CAT,
+                              n_subcategories=N_SUB, max_history=8).eval()
+    torch.testing.assert_close(untrained, without.score(without.encode_user(*_history_of(without, titles)),
+                                                        without.encode_news(torch.from_numpy(titles[:6]))[None]))
+    with torch.no_grad():
+        model.title_match.weight.fill_(0.7 / model.title_match.WEIGHT_GAIN)
+        model.title_match.spread.fill_(0.2)
+        news = model.encode_news(tokens, torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.long))
+        hist = torch.stack([news[[0, 1, 5, 2]], news[[2, 2, 2, 2]]])
+        mask = torch.tensor([[True, True, True, False], [False] * 4])
+        users = model.encode_user(hist, mask)
+    tfidf = _numpy_tfidf(titles)
+    _, _, vt = np.linalg.svd(tfidf, full_matrices=False)
+    kept = [i for i in range(6) if (titles[i] > 1).any()]
+    assert kept == [0, 1, 2, 4, 5]  # tfidf has rows for titles with a known word only: its rows 0..4
+    projected = tfidf[:5] @ vt[:k].T
+    projected /= np.linalg.norm(projected, axis=1, keepdims=True)
+    block = news[:, start:].numpy()[kept]
+    np.testing.assert_allclose(block @ block.T, projected @ projected.T, atol=1e-4)  # same subspace, signs aside
+    assert torch.count_nonzero(news[3, start:]) == 0  # a title of padding only
+    wide = (users[:, start:] @ news[:, start:].T).numpy()  # (2 users, 6 news)
+    cosines = news[:, start:].numpy() @ news[:, start:].numpy().T
+    np.testing.assert_allclose(wide[0], 0.7 / 0.2 * cosines[[0, 1, 5]].mean(axis=0), atol=1e-5)
+    assert np.count_nonzero(wide[1]) == 0  # an empty history: no match
+    with pytest.raises(ConfigError, match="title_match_dim"):
+        ModelConfig(text_encoder="plm", plm_name="x", title_match_dim=16)
+
+
+def test_title_match_spread_is_the_centred_cosine_std_and_survives_save_load(tmp_path: Path) -> None:
+    from newsrec.data.features import title_match_vectors
+    from newsrec.models.recommender import TitleMatch
+
+    dataset = _write_dataset(tmp_path / "data")
+    tokens = np.asarray(dataset.title_tokens)
+    match = TitleMatch(VOCAB, 2, word_vectors=title_match_vectors(tokens, VOCAB, 2))
+    history, candidates = [np.array([1, 2]), np.array([], dtype=np.int64), np.array([3])], \
+        [np.array([1, 2, 3]), np.array([1, 2]), np.array([1, 2])]
+    match.set_spread(tokens, history, candidates)
+    with torch.no_grad():
+        blocks = match.news_block(torch.from_numpy(tokens.astype(np.int64))).numpy()
+    centred = []
+    for clicks, shown in ((history[0], candidates[0]), (history[2], candidates[2])):  # the empty history is skipped
+        scores = blocks[shown] @ blocks[clicks].mean(axis=0)
+        centred.append(scores - scores.mean())
+    assert float(match.spread) == pytest.approx(np.concatenate(centred).std(ddof=1), rel=1e-5)
+
+    config = _config(title_match_dim=2)
+    model = build_model(config, dataset).eval()
+    assert torch.count_nonzero(model.title_match.word_vectors) > 0
+    with torch.no_grad():
+        model.title_match.spread.fill_(0.05)
+        model.title_match.weight.fill_(0.13)
+    save_model(tmp_path / "model", model, config, dataset=dataset)
+    loaded = load_model(tmp_path / "model").model
+    assert float(loaded.title_match.spread) == pytest.approx(0.05)
+    torch.testing.assert_close(loaded.title_match.word_vectors, model.title_match.word_vectors)
+    for a, b in zip(_outputs(model), _outputs(loaded)):
+        assert torch.equal(a, b)

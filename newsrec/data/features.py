@@ -27,6 +27,7 @@ import polars as pl
 
 from newsrec.config import Config, ModelConfig
 from newsrec.data import schema
+from newsrec.data.schema import UNK
 from newsrec.errors import ArtifactError
 from newsrec.utils.io import read_json
 
@@ -243,3 +244,39 @@ def _memo(dataset: Any, key: str, build: Any) -> Any:
         store[key] = build()
     return store[key]
 
+
+def title_tfidf(title_tokens: np.ndarray, vocab_size: int) -> tuple[Any, np.ndarray]:
+    """(L2-normalised TF-IDF matrix, scipy CSR ``[n, vocab_size]`` of the titles ``[n, T]`` with a
+    known word; idf float64 ``[vocab_size]``). Term counts × smoothed idf ``log((1 + n) / (1 + df)) + 1``
+    (scikit-learn's); ``<pad>`` and ``<unk>`` weigh 0. Titles are not labels: every split's news count."""
+    from scipy import sparse
+
+    tokens = np.asarray(title_tokens, dtype=np.int64)
+    tokens = tokens[(tokens > UNK).any(axis=1)]
+    pairs = np.unique(np.arange(len(tokens), dtype=np.int64)[:, None] * vocab_size + tokens)
+    df = np.bincount(pairs % vocab_size, minlength=vocab_size).astype(np.float64)
+    idf = np.log((1.0 + len(tokens)) / (1.0 + df)) + 1.0
+    idf[[0, UNK]] = 0.0
+    rows = np.repeat(np.arange(len(tokens)), tokens.shape[1])
+    matrix = sparse.csr_matrix((idf[tokens.ravel()], (rows, tokens.ravel())), shape=(len(tokens), vocab_size))
+    matrix.sum_duplicates()
+    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
+    matrix = sparse.diags(1.0 / np.maximum(norms, 1e-12)) @ matrix
+    return matrix.tocsr(), idf
+
+
+def title_match_vectors(title_tokens: np.ndarray, vocab_size: int, dim: int, *, seed: int = 0) -> np.ndarray:
+    """float32 ``[vocab_size, dim]``: each word's idf times its row of the top ``dim`` right singular
+    vectors of the titles' TF-IDF matrix (``title_tfidf``; truncated SVD, seeded), so that a title's
+    summed rows are its TF-IDF row's LSA projection. Fewer components than ``dim`` when the titles
+    or the vocabulary cannot hold that many; the rest are zero columns."""
+    from sklearn.decomposition import TruncatedSVD
+
+    matrix, idf = title_tfidf(title_tokens, vocab_size)
+    out = np.zeros((vocab_size, dim), dtype=np.float32)
+    k = min(dim, matrix.shape[0] - 1, vocab_size - 1)
+    if k < 1:
+        return out
+    components = TruncatedSVD(n_components=k, random_state=seed).fit(matrix).components_  # (k, vocab)
+    out[:, :k] = (idf[:, None] * components.T).astype(np.float32)
+    return out

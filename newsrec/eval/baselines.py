@@ -12,6 +12,10 @@ Every learned model is reported beside these; one that loses to them is a bug.
   ``base_cat`` the fraction of all clicks in the training log's histories in that category (likewise
   subcategory), ``a = baseline.share_smoothing``. A user with an empty history scores 0 everywhere;
   ties keep the candidates' order (the metrics' stable tie-break).
+- ``title-match``: the content-based score: the mean cosine between the candidate's title and the
+  history's titles, each title its TF-IDF row projected on the top ``baseline.title_match_dim``
+  latent dimensions of all the dataset's titles (LSA; ``newsrec.data.features.title_match_vectors``,
+  the same projection the model's ``model.title_match_dim`` block reads). An empty history scores 0.
 - ``logreg``: a logistic regression over :data:`LOGREG_FEATURES` (standardised), fitted on the
   training log's candidates with features computed exactly as for scoring and without label
   leakage: a train impression's click-through feature counts only train impressions strictly
@@ -32,7 +36,7 @@ import polars as pl
 
 from newsrec.config import BaselineConfig
 from newsrec.data.artifact import DatasetArtifact, Impressions, _take_csr
-from newsrec.data.features import category_base_rates
+from newsrec.data.features import category_base_rates, title_match_vectors
 from newsrec.data.popularity import PrefixCounts, news_counts_from_artifact, shrunk_ctr
 from newsrec.errors import ConfigError, NewsrecError
 from newsrec.eval import metrics as M
@@ -41,11 +45,12 @@ if TYPE_CHECKING:  # the stages import these lazily: evaluate.py brings torch wi
     from newsrec.eval.evaluate import EvaluationResult
     from newsrec.eval.submission import SubmitResult
 
-BASELINES = ("heuristic", "logreg", "popularity")
+BASELINES = ("heuristic", "logreg", "popularity", "title-match")
 DISPLAY_NAMES = {  # rows of comparison tables
     "logreg": "Logistic regression (history features)",
     "heuristic": "Category share-lift",
     "popularity": "Popularity (train CTR)",
+    "title-match": "Title match (TF-IDF/LSA cosine)",
 }
 LOGREG_FEATURES = ("category_share", "subcategory_share", "category_lift", "subcategory_lift",
                    "entity_overlap", "ctr_logit", "log_history_len")
@@ -260,6 +265,28 @@ def fit_logreg(dataset: DatasetArtifact, config: BaselineConfig, *, tables: News
 # scores
 
 
+def title_match_scores(dataset: DatasetArtifact, impressions: Impressions, *, dim: int,
+                       chunk: int = 262_144) -> np.ndarray:
+    """float64 [M]: per candidate, its title's LSA block (unit rows, ``title_match_vectors`` summed
+    over the title's words) dotted with the mean block of its impression's whole history; 0 for an
+    empty history or a title without a known word."""
+    tokens = np.asarray(dataset.title_tokens)
+    blocks = title_match_vectors(tokens, dataset.vocab_size, dim)[tokens].sum(axis=1)  # (n_news + 1, dim)
+    norms = np.linalg.norm(blocks, axis=1, keepdims=True)
+    blocks = np.divide(blocks, norms, out=np.zeros_like(blocks), where=norms > 1e-6)
+    lengths = impressions.history_lengths
+    profiles = np.zeros((len(impressions), dim), dtype=np.float64)
+    has = np.flatnonzero(lengths > 0)
+    if len(has):
+        sums = np.add.reduceat(blocks[impressions.history].astype(np.float64), impressions.history_offsets[has], axis=0)
+        profiles[has] = sums / lengths[has, None]
+    of = _impression_of(impressions.candidate_offsets)
+    out = np.empty(len(impressions.candidates), dtype=np.float64)
+    for s in range(0, len(out), chunk):
+        out[s:s + chunk] = np.einsum("md,md->m", blocks[impressions.candidates[s:s + chunk]], profiles[of[s:s + chunk]])
+    return out
+
+
 @dataclass
 class BaselineScores:
     scores: np.ndarray  # float32 [M] aligned with the split's candidates
@@ -282,6 +309,8 @@ def baseline_scores(name: str, dataset: DatasetArtifact, impressions: Impression
     elif name == "heuristic":
         shares = share_features(impressions, news_tables(dataset), smoothing=config.share_smoothing)
         scores = shares["category_lift"] + shares["subcategory_lift"]
+    elif name == "title-match":
+        scores = title_match_scores(dataset, impressions, dim=config.title_match_dim)
     else:
         tables = news_tables(dataset)
         model = fit_logreg(dataset, config, tables=tables)
@@ -295,6 +324,7 @@ def baseline_scores(name: str, dataset: DatasetArtifact, impressions: Impression
 def _config_dict(config: BaselineConfig, name: str) -> dict[str, Any]:
     """The settings a baseline honours (and only those)."""
     used = {"popularity": ("popularity_prior",), "heuristic": ("share_smoothing",),
+            "title-match": ("title_match_dim",),
             "logreg": ("share_smoothing", "popularity_prior", "logreg_c", "logreg_max_rows", "seed")}[name]
     return {k: getattr(config, k) for k in used}
 

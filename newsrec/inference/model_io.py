@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from newsrec.config import Config, config_from_yaml_text
 from newsrec.data import schema
 from newsrec.data.artifact import DatasetArtifact
-from newsrec.data.features import NewsFeatures, category_base_rates, entity_table, news_features
+from newsrec.data.features import (NewsFeatures, category_base_rates, entity_table, news_features,
+                                   title_match_vectors)
 from newsrec.errors import ArtifactError, ConfigError
 from newsrec.models.inputs import NewsInputs
 from newsrec.models.recommender import NewsRecommender
@@ -72,14 +73,33 @@ def build_model(config: Config, dataset: DatasetArtifact, features: NewsFeatures
         plm_dim=int(features.plm.get("dim", 0)),
         plm_layers=plm_layers,
         **_lift_bases(mc, dataset),
+        title_match_vectors=(title_match_vectors(dataset.title_tokens, dataset.vocab_size, mc.title_match_dim)
+                             if mc.title_match_dim else None),
     )
     model.plm_fingerprint = features.plm_fingerprint
+    if model.title_match is not None:
+        _set_title_match_spread(model, dataset, history_len=config.data.history_len)
     if mc.text_encoder == "plm":
         sample = np.random.default_rng(mc.plm_max_len).choice(
             np.arange(1, features.n_rows), size=min(TEXT_STATISTICS_NEWS, features.n_rows - 1), replace=False)
         inputs = NewsInputs.from_arrays(features.gather(np.sort(sample)))
         model.news_encoder.set_text_statistics(inputs.text_states, inputs.text_mask)
     return model
+
+
+TITLE_MATCH_SAMPLE = 5000  # train impressions the title match's spread is measured on
+
+
+def _set_title_match_spread(model: NewsRecommender, dataset: DatasetArtifact, *, history_len: int) -> None:
+    """The title match's spread over up to ``TITLE_MATCH_SAMPLE`` evenly spaced impressions of the
+    train split (their histories and candidates; no labels), or 1 without a train split."""
+    if "train" not in dataset.splits:
+        return
+    impressions = dataset.impressions("train")
+    rows = np.unique(np.linspace(0, len(impressions) - 1, num=min(TITLE_MATCH_SAMPLE, len(impressions))).astype(np.int64))
+    model.title_match.set_spread(dataset.title_tokens,
+                                 [impressions.history_of(int(i), history_len) for i in rows],
+                                 [impressions.candidates_of(int(i)) for i in rows])
 
 
 def _lift_bases(mc: Any, dataset: DatasetArtifact) -> dict[str, np.ndarray]:
