@@ -3,7 +3,7 @@
 A tiny generated data set whose behaviors hold histories longer than ``data.history_len``, news
 clicked twice within the kept clicks, and empty histories; a model saved without training (its
 scores depend on every kept click); a re-ranker around it with random weights (so that it moves
-the scores). Each entry point scores a handful of impressions: the ``evaluate`` library function,
+the scores). The model carries every wide block (category lift, title match). Each entry point scores a handful of impressions: the ``evaluate`` library function,
 training's dev evaluation, ``submit`` (its ranks), ``score`` (its CLI output), the service
 (in-process, batched, over HTTP and the ``recommend`` CLI), the MLflow model loaded back with
 ``mlflow.pyfunc.load_model``, and two-stage scoring with the re-ranker. They must agree to 1e-5,
@@ -35,7 +35,7 @@ HISTORY_LEN = 5
 RERANK_HISTORY_LEN = 3
 ATOL = 1e-5
 CONFIG = {"model": {"embedding_dim": 32, "hidden_size": 32, "num_heads": 4, "pooling_hidden": 16,
-                    "position_embeddings": True},
+                    "position_embeddings": True, "title_match_dim": 16},
           "data": {"title_len": 12, "history_len": HISTORY_LEN},
           "train": {"eval_batch_size": 7},  # batches of several lengths: padding must not matter
           "rerank": {"hidden_size": 16, "num_heads": 2, "history_len": RERANK_HISTORY_LEN, "eval_batch_size": 5},
@@ -130,6 +130,7 @@ def world(tmp_path_factory) -> World:
     with torch.no_grad():  # larger weights than at initialisation: scores far apart, every click counts
         for p in model.parameters():
             p.mul_(3.0)
+        model.title_match.weight.fill_(0.05)  # the title match starts at 0: make it count here
     save_model(root / "model", model, config, dataset=dataset)
     index_news(root / "model", data_dir=root / "data", out_dir=root / "index", index_cfg=IndexConfig(kind="flat"))
     reranker_dir = _write_reranker(root, config, dataset, root / "model")
