@@ -122,7 +122,6 @@ def _plain(metrics: dict[str, Any]) -> dict[str, float]:
 
 def run_cell(world: str, seed: int, *, size: str, news: Path | None, work: Path, config: Path,
              mhsa_config: Path, overrides: list[str], echo: Callable[[str], None]) -> dict[str, Any]:
-
     cell_dir = work / world / f"seed{seed}"
     synth_dir, data_dir, models = cell_dir / "synth", cell_dir / "dataset", cell_dir / "models"
     generator_world = REAL_WORLDS.get(world, world)
@@ -255,7 +254,7 @@ def checks(table: dict[str, Any], worlds: list[str]) -> dict[str, dict[str, floa
     out = {}
     for world in worlds:
         ff = dev_mean("Fastformer", world)
-        hand = [x for x in (dev_mean(b, world) for b in ("heuristic", "title-match", "logreg")) if x is not None]
+        hand = [x for x in (dev_mean(b, world) for b in BASELINE_ROWS if b != "popularity") if x is not None]
         diff = lambda a, b: None if a is None or b is None else a - b  # noqa: E731
         out[world] = {"fastformer_minus_best_handmade": diff(ff, max(hand) if hand else None),
                       "fastformer_minus_mhsa": diff(ff, dev_mean("MHSA", world)),
@@ -323,15 +322,15 @@ def main() -> None:
             if path.exists():
                 cell = json.loads(path.read_text())
                 missing = tuple(b for b in BASELINE_ROWS if b not in cell["rows"])
+                if (missing or args.refit_reranker) and not args.report_only:
+                    dataset = open_dataset(path.parent / "dataset")
+                    scored = _scorer(dataset, cell["rows"], cell["timing"], f"{world} seed {seed}", echo)
                 if missing and not args.report_only:  # a baseline added after the cell was built
                     echo(f"[{world} seed {seed}: {', '.join(missing)}]")
-                    baseline_rows(path.parent / "dataset", _scorer(open_dataset(path.parent / "dataset"), cell["rows"],
-                                                                   cell["timing"], f"{world} seed {seed}", echo), missing)
+                    baseline_rows(dataset.root, scored, missing)
                     write_json(path, cell)
                 if args.refit_reranker and not args.report_only:
                     echo(f"[{world} seed {seed}: re-ranker]")
-                    dataset = open_dataset(path.parent / "dataset")
-                    scored = _scorer(dataset, cell["rows"], cell["timing"], f"{world} seed {seed}", echo)
                     cell["guard"] = rerank_rows(dataset, path.parent / "models", cell["rows"], cell["timing"],
                                                 seed=seed, config=args.config, overrides=args.overrides,
                                                 scored=scored)

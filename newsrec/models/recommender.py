@@ -167,8 +167,7 @@ class NewsRecommender(nn.Module):
                               if cfg.category_lift else None)
         self.title_match = (TitleMatch(vocab_size, cfg.title_match_dim, word_vectors=title_match_vectors)
                             if cfg.title_match_dim else None)
-        self.lift_dim = self.category_lift.width if self.category_lift is not None else 0
-        self.news_dim = cfg.hidden_size + self.lift_dim + (cfg.title_match_dim if self.title_match else 0)
+        self.news_dim = cfg.hidden_size + sum(block.width for block in self._wide_blocks())
         self.plm_dim = plm_dim
         self.plm_fingerprint: str | None = None  # identity of the PLM whose states it reads (set by io)
         if entity_vectors is not None:
@@ -240,12 +239,15 @@ class NewsRecommender(nn.Module):
         deep = self.user_encoder(history_vectors[..., :self.deep_dim], history_mask)
         parts = [deep]
         start = self.deep_dim
-        for block in (self.category_lift, self.title_match):
-            if block is not None:
-                wide = block.user_block(history_vectors[..., start:start + block.width].float(), history_mask)
-                parts.append(wide.to(deep.dtype))
-                start += block.width
+        for block in self._wide_blocks():
+            wide = block.user_block(history_vectors[..., start:start + block.width].float(), history_mask)
+            parts.append(wide.to(deep.dtype))
+            start += block.width
         return torch.cat(parts, dim=-1)
+
+    def _wide_blocks(self) -> list[nn.Module]:
+        """The wide parts present, in the order their blocks follow the deep part of a vector."""
+        return [block for block in (self.category_lift, self.title_match) if block is not None]
 
     def score(self, user_vectors: Tensor, candidate_vectors: Tensor) -> Tensor:
         """``user_vectors [B, D]``, ``candidate_vectors [B, C, D]`` → click scores ``[B, C]`` (dot products)."""
