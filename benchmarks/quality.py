@@ -25,7 +25,7 @@ under ``--work`` and skipped when the script runs again, so an interrupted run r
 ``--refit-reranker`` fits only the re-ranker again in saved cells (over their trained first stage)
 and re-scores its rows; ``--retrain`` trains every model of a saved cell again over its saved world
 (after a config change) and re-scores their rows, skipping cells already trained with the same
-configs. Writes
+configs (the table leaves out cells trained with other configs). Writes
 docs/benchmarks/quality.{json,png} and prints the table (mean ± std over the seeds that finished).
 """
 from __future__ import annotations
@@ -362,8 +362,10 @@ def main() -> None:
                                                 seed=seed, config=args.config, overrides=args.overrides,
                                                 scored=scored)
                     write_json(path, cell)
-                if cell.get("config") != config_stamp:
-                    echo(f"[{world} seed {seed}: its models were trained with other configs than these]")
+                if cell.get("config") != config_stamp:  # the table describes the configs given
+                    echo(f"[{world} seed {seed}: left out, its models were trained with other configs "
+                         "than these (--retrain trains them again)]")
+                    continue
                 cells.append(cell)
                 continue
             if args.report_only:
