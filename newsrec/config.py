@@ -73,10 +73,11 @@ class ModelConfig:
     # the published NRMS/Fastformer architecture
     category_lift: bool = True
     category_lift_smoothing: float = 0.01  # a in log((share + a) / (base + a))
-    # a second wide part (words only): the news side holds its title's TF-IDF vector projected on
-    # this many latent dimensions (LSA of all the dataset's titles), the user side the mean of its
-    # clicks' blocks under a learned weight, so the dot product holds a learned multiple of the
-    # classic content-based score (docs/decisions.md: why); 0 = off
+    # a second wide part: the news side holds its title's TF-IDF vector projected on this many
+    # latent dimensions (LSA of all the dataset's titles), the user side the mean of its clicks'
+    # blocks under a learned weight, so the dot product holds a learned multiple of the classic
+    # content-based score (docs/decisions.md: why); it reads the title's words with either text
+    # encoder (beside the PLM's states with text_encoder=plm); 0 = off
     title_match_dim: int = 0
 
     def __post_init__(self) -> None:
@@ -94,9 +95,9 @@ class ModelConfig:
             if not self.plm_name:
                 raise ConfigError("model.text_encoder=plm needs model.plm_name (a Hugging Face model "
                                   "folder or hub id), e.g. -o model.plm_name=PATH")
-            if self.word_dropout or self.freeze_embeddings or self.title_match_dim:
-                raise ConfigError("model.word_dropout, model.freeze_embeddings and model.title_match_dim apply "
-                                  "to model.text_encoder=words only; unset them with text_encoder=plm")
+            if self.word_dropout or self.freeze_embeddings:
+                raise ConfigError("model.word_dropout and model.freeze_embeddings apply to "
+                                  "model.text_encoder=words only; unset them with text_encoder=plm")
         elif self.plm_name or self.plm_finetune_layers:
             raise ConfigError("model.plm_name and model.plm_finetune_layers apply to "
                               "model.text_encoder=plm only; set model.text_encoder=plm or unset them")

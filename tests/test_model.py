@@ -407,12 +407,11 @@ def _history_of(model: NewsRecommender, titles: np.ndarray) -> tuple[torch.Tenso
     return news[torch.tensor([[0, 1, 5, 2]])], torch.tensor([[True, True, True, False]])
 
 
-def test_title_match_block_is_the_weighted_lsa_cosine_and_refuses_plm() -> None:
+def test_title_match_block_is_the_weighted_lsa_cosine() -> None:
     """The news block is the title's TF-IDF row projected on the top right singular vectors of all
     titles' TF-IDF matrix (numpy's exact SVD here), normalised; the wide dot product is
     weight / spread × the mean cosine with the history's blocks, and an untrained block (weight 0)
     scores exactly as the model without it."""
-    from newsrec.errors import ConfigError
     from newsrec.data.features import title_match_vectors
 
     titles, k = _match_titles(), 6
@@ -452,8 +451,6 @@ def test_title_match_block_is_the_weighted_lsa_cosine_and_refuses_plm() -> None:
     cosines = news[:, start:].numpy() @ news[:, start:].numpy().T
     np.testing.assert_allclose(wide[0], 0.7 / 0.2 * cosines[[0, 1, 5]].mean(axis=0), atol=1e-5)
     assert np.count_nonzero(wide[1]) == 0  # an empty history: no match
-    with pytest.raises(ConfigError, match="title_match_dim"):
-        ModelConfig(text_encoder="plm", plm_name="x", title_match_dim=16)
 
 
 def test_title_match_spread_is_the_centred_cosine_std_and_survives_save_load(tmp_path: Path) -> None:

@@ -153,6 +153,32 @@ def test_fine_tuned_top_layer_trains_saves_and_encodes_fresh_news_alike(known, t
     torch.testing.assert_close(fresh[0], vectors[idx], atol=2e-3, rtol=2e-3)
 
 
+def test_title_match_reads_the_words_beside_the_plm_and_fresh_news_alike(known, tmp_path):
+    from newsrec.data.features import title_match_vectors
+
+    data, bert = known
+    config = _config(bert, title_match_dim=4)
+    config.train.epochs = 1
+    fit(config, data_dir=data, out_dir=tmp_path / "model")
+    dataset = open_dataset(data)
+    loaded = load_model(tmp_path / "model")
+    assert loaded.model.news_dim == 16 + loaded.model.category_lift.width + 4
+    vectors = encode_all_news(loaded.model, dataset, batch_size=4, show_progress=False)
+    # the last block is the title's normalised LSA row, as a words model's would be
+    tokens = np.asarray(dataset.title_tokens)
+    lsa = title_match_vectors(tokens, dataset.vocab_size, 4)[tokens].sum(axis=1)
+    lsa /= np.maximum(np.linalg.norm(lsa, axis=1, keepdims=True), 1e-12)
+    np.testing.assert_allclose(vectors[1:, -4:].numpy(), lsa[1:], atol=1e-5)
+    # a fresh news with a known news' title: the PLM states and the title words both read alike
+    features = news_features(dataset, loaded.config, plm_fingerprint=loaded.model.plm_fingerprint)
+    idx = 9
+    title = dataset.news.filter(dataset.news["news_idx"] == idx)["title"][0]
+    cat, sub = (int(a[idx]) for a in dataset.news_categories)
+    with torch.no_grad():
+        fresh = loaded.model.encode_news(NewsInputs.from_arrays(features.fresh([title], [cat], [sub])))
+    torch.testing.assert_close(fresh[0], vectors[idx], atol=2e-3, rtol=2e-3)
+
+
 def test_settings_are_checked():
     with pytest.raises(ConfigError, match="needs model.plm_name"):
         config_from_dict({"model": {"text_encoder": "plm"}})

@@ -4,7 +4,8 @@ artifact (or a fresh news at serve time) to ``newsrec.models.inputs.NewsInputs``
 ``news_features(dataset, config)`` opens the arrays the model's settings call for:
 
 * ``category``/``subcategory`` int64 [n_news + 1] — always;
-* ``title_tokens`` int32 [n_news + 1, title_len] — ``model.text_encoder=words``;
+* ``title_tokens`` int32 [n_news + 1, title_len] — ``model.text_encoder=words``, or
+  ``model.title_match_dim`` (the title match reads the title's words whatever the text encoder);
 * ``text_states`` float16 [n_news + 1, plm_max_len, H] with ``text_lengths`` — ``text_encoder=plm``
   (computed once and cached beside the dataset, ``newsrec.data.plm``);
 * ``entities`` int32 [n_news + 1, max_entities] — ``model.use_entities``: ids into
@@ -169,10 +170,10 @@ def news_features(dataset: Any, config: Config | ModelConfig, *, plm_fingerprint
         lowercase = config.data.lowercase if isinstance(config, Config) else True
     category, subcategory = dataset.news_categories
     features = NewsFeatures(category=category, subcategory=subcategory, lowercase=lowercase)
-    if mc.text_encoder == "words":
+    if mc.text_encoder == "words" or mc.title_match_dim:
         features.title_tokens = dataset.title_tokens
         features.vocab = dataset.vocab
-    else:
+    if mc.text_encoder == "plm":
         from newsrec.data.plm import cached_states
 
         titles = _titles_by_index(dataset)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from newsrec.config import ModelConfig
+from newsrec.errors import ArtifactError
 from newsrec.models.encoders import UNK_WORD_ID, NewsEncoder, UserEncoder
 from newsrec.models.inputs import NewsInputs
 
@@ -227,6 +228,9 @@ class NewsRecommender(nn.Module):
         if self.category_lift is not None:
             parts.append(self.category_lift.news_block(news.category, news.subcategory).to(deep.dtype))
         if self.title_match is not None:
+            if news.title_tokens is None:
+                raise ArtifactError("the title match (model.title_match_dim) reads title words but the news "
+                                    "inputs hold none")
             parts.append(self.title_match.news_block(news.title_tokens).to(deep.dtype))
         return torch.cat(parts, dim=-1) if len(parts) > 1 else deep
 
