@@ -44,7 +44,7 @@ from newsrec.data.artifact import Impressions  # noqa: E402
 from newsrec.data.features import NewsFeatures  # noqa: E402
 from newsrec.models.recommender import NewsRecommender  # noqa: E402
 from newsrec.train.batching import Batch, BatchBuilder  # noqa: E402
-from newsrec.train.loop import CachedHistory, NRMSObjective, build_optimizer  # noqa: E402
+from newsrec.train.loop import CachedHistory, NRMSObjective, _train_step, build_optimizer  # noqa: E402
 from newsrec.train.news_cache import NewsVectorCache  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,20 +119,17 @@ def dedup_step(objective: NRMSObjective, optimizer: torch.optim.Optimizer, batch
 
 def cached_step(objective: NRMSObjective, optimizer: torch.optim.Optimizer, history: CachedHistory,
                 batch: Batch, step: int, *, bf16: bool) -> None:
-    """``dedup_step`` with the news-vector cache: history vectors read from it (the due ones
-    re-encoded first), only the candidates encoded with gradients — as ``newsrec train`` steps."""
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        vectors = history.vectors(batch, step)
-        loss = objective(batch.news, None, batch.history_mask, batch.candidate_slots, batch.candidate_mask,
-                         history_vectors=vectors)
-    (loss / batch.size).backward()
-    torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
-    optimizer.step()
+    """One ``newsrec train`` step with the news-vector cache (``_train_step``): history vectors read
+    from it (the due ones re-encoded: before the step without gradient, or with ``history.grad``
+    inside it with gradients), the candidates encoded with gradients."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    _train_step(objective, objective.model, optimizer, scheduler, batch,
+                autocast=torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), device=torch.device("cpu"),
+                grad_clip=1.0, world_size=1, history=history, step=step)
 
 
 def measure_cached(model: NewsRecommender, batches: list[Batch], tokens: np.ndarray, *, refresh: int, steps: int,
-                   bf16: bool) -> tuple[float, float]:
+                   bf16: bool, grad: bool = False) -> tuple[float, float]:
     """(median seconds per step, share of the history's distinct news re-encoded per step) over
     ``steps`` steps after ``refresh + 2`` untimed steps on the batches before them."""
     objective = NRMSObjective(model)
@@ -140,8 +137,8 @@ def measure_cached(model: NewsRecommender, batches: list[Batch], tokens: np.ndar
     features = NewsFeatures(category=np.arange(N_NEWS + 1) % 20, subcategory=np.arange(N_NEWS + 1) % 200,
                             title_tokens=tokens)
     cache = NewsVectorCache(N_NEWS + 1, model.news_dim, refresh_steps=refresh)
-    history = CachedHistory(model, cache, features, autocast=None, device=torch.device("cpu"),
-                            bucket_size=64 if bf16 else None)
+    history = CachedHistory(model, cache, features, autocast=torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+                            device=torch.device("cpu"), bucket_size=64 if bf16 else None, grad=grad)
     warm = refresh + 2
     if len(batches) < warm + steps:
         raise ValueError(f"{len(batches)} batches for {warm} warm-up and {steps} timed steps")
@@ -270,8 +267,13 @@ def main() -> None:
             row[f"{encoder}_cache_samples_s"] = BATCH / seconds
             row[f"{encoder}_cache_speedup"] = row[f"{encoder}_cache_samples_s"] / row[f"{encoder}_samples_s"]
             row[f"{encoder}_cache_refresh_share"] = share
+            seconds, _ = measure_cached(make_model(encoder, history_len=history_len), split_batches, tokens_np,
+                                        refresh=refresh, steps=steps, bf16=fast_bf16, grad=True)
+            row[f"{encoder}_cache_grad_samples_s"] = BATCH / seconds
+            row[f"{encoder}_cache_grad_speedup"] = row[f"{encoder}_cache_grad_samples_s"] / row[f"{encoder}_samples_s"]
         row["ratio"] = row["fastformer_samples_s"] / row["mhsa_samples_s"]
         row["cache_ratio"] = row["fastformer_cache_samples_s"] / row["mhsa_cache_samples_s"]
+        row["cache_grad_ratio"] = row["fastformer_cache_grad_samples_s"] / row["mhsa_cache_grad_samples_s"]
         scaling.append(row)
         print(f"  history {history_len}: done", flush=True)
     print(f"\nFastformer vs MHSA, training samples/s (dedup, {precision}), without and with the news-vector "
@@ -279,6 +281,10 @@ def main() -> None:
     print(format_table(scaling, ["history_len", "fastformer_samples_s", "fastformer_cache_samples_s",
                                  "fastformer_cache_speedup", "mhsa_samples_s", "mhsa_cache_samples_s",
                                  "mhsa_cache_speedup", "ratio", "cache_ratio"]))
+    print(f"\nThe same with the due news re-encoded inside the step with gradients "
+          f"(train.news_cache_refresh_grad; speedup against no cache)")
+    print(format_table(scaling, ["history_len", "fastformer_cache_grad_samples_s", "fastformer_cache_grad_speedup",
+                                 "mhsa_cache_grad_samples_s", "mhsa_cache_grad_speedup", "cache_grad_ratio"]))
     print(format_table(scaling, ["history_len", "unique_history_news", "unique_candidate_news",
                                  "fastformer_cache_refresh_share", "mhsa_cache_refresh_share"]))
 

@@ -141,6 +141,9 @@ class TrainConfig:
     #   k > 0: history news read their vectors from a cache of detached news vectors; a cached vector
     #   serves the k steps from the one that computed it (k = 1: fresh every step) and is then
     #   re-encoded (eval mode, no gradient). Candidate news are always encoded with gradients.
+    news_cache_refresh_grad: bool = False  # with the cache: re-encode the due history news inside the
+    #   step, in train mode and with gradients (SpeedyRec's way), so the history side trains the news
+    #   encoder too; slower per step (docs/decisions.md, "News-vector cache")
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size", "npratio", "log_every_steps", "eval_batch_size",
@@ -149,6 +152,9 @@ class TrainConfig:
                       "early_stopping_patience", "dev_max_impressions", "num_threads",
                       "news_cache_refresh_steps")
         _choice(self, "device", ("cpu", "cuda", "auto"))
+        if self.news_cache_refresh_grad and not self.news_cache_refresh_steps:
+            raise ConfigError("train.news_cache_refresh_grad applies to the news-vector cache only; "
+                              "set train.news_cache_refresh_steps > 0 or unset it")
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
         if not 0.0 <= self.holdout_fraction < 1.0:

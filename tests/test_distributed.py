@@ -48,7 +48,7 @@ def single_process_config(overrides: dict) -> dict:
     raw: dict = {}
     for k, v in overrides.items():
         section, key = k.split(".")
-        raw.setdefault(section, {})[key] = False if v == "false" else v
+        raw.setdefault(section, {})[key] = {"false": False, "true": True}.get(v, v) if isinstance(v, str) else v
     return raw
 
 

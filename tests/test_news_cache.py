@@ -1,7 +1,8 @@
 """The news-vector cache of training (train.news_cache_refresh_steps): off is today's step bit for bit;
 refresh 1 reads fresh encodings; a vector is never used k or more steps after it was computed and
-equals the encoding by the weights of that step; resume equals a straight run; a model still
-learns; the PLM path reads its cache too; torchrun ranks hold the single-process cache."""
+equals the encoding by the weights of that step; with train.news_cache_refresh_grad the due news
+carry their gradient (refresh 1 is the step without the cache); resume equals a straight run; a
+model still learns; the PLM path reads its cache too; torchrun ranks hold the single-process cache."""
 from __future__ import annotations
 
 import copy
@@ -119,6 +120,79 @@ def test_refresh_every_step_reads_fresh_encodings(known, dropout):
     assert not torch.equal(before, model.news_encoder.word_embedding.weight)  # candidates trained it
 
 
+def test_grad_refresh_every_step_is_the_step_without_the_cache(known):
+    """news_cache_refresh_grad with k = 1: every history news is due every step and is encoded inside
+    the step with gradients, so the step is the one without the cache (same losses, same weights up
+    to float summation order), and the cache holds the vectors the step trained with."""
+    config = _config(model={"dropout": 0.0})
+    model, optimizer, scheduler, features, builder = _setup(known, config, split_history=True)
+    reference, ref_optimizer, ref_scheduler, _, ref_builder = _setup(known, config, split_history=False)
+    reference.load_state_dict(model.state_dict())
+    # plain SGD: Adam would turn the float-order noise of gradients that are exactly ~0 (shift-
+    # invariant attention biases) into full-size steps
+    optimizer, ref_optimizer = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, reference))
+    scheduler, ref_scheduler = (torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0) for o in (optimizer, ref_optimizer))
+    cache = NewsVectorCache(features.n_rows, model.news_dim, refresh_steps=1)
+    history = CachedHistory(model, cache, features, autocast=NO_AUTOCAST, device=torch.device("cpu"), grad=True)
+    objective, ref_objective = NRMSObjective(model), NRMSObjective(reference)
+    for step in range(6):
+        before = copy.deepcopy(model)
+        batch, ref_batch = builder.build(0, step), ref_builder.build(0, step)
+        loss = _train_step(objective, model, optimizer, scheduler, batch, autocast=NO_AUTOCAST,
+                           device=torch.device("cpu"), grad_clip=1.0, world_size=1, history=history, step=step)
+        ref_loss = _train_step(ref_objective, reference, ref_optimizer, ref_scheduler, ref_batch,
+                               autocast=NO_AUTOCAST, device=torch.device("cpu"), grad_clip=1.0, world_size=1)
+        assert loss == pytest.approx(ref_loss, rel=1e-5), step
+        assert bool((cache.computed_at[batch.history_news] == step).all())
+        assert cache.refreshed == cache.read  # every distinct history news, every step
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    # the cached rows are the vectors the last step trained with (dropout 0: train mode = eval mode)
+    news = batch.history_news
+    torch.testing.assert_close(cache.lookup(news), _eval_encode(before, features, news.numpy()), atol=1e-5, rtol=1e-4)
+
+
+def test_grad_refresh_trains_the_encoder_through_the_history(known):
+    """k = 3, one step from the same weights: the gradient of the news encoder with the grad refresh
+    is the one without the cache (every history news is due at step 0 and carries its gradient),
+    while the eval-mode refresh loses the history side's part of it; at the next step only the news
+    never computed are due, and the others are read from the cache."""
+    config = _config(model={"dropout": 0.0})
+
+    def gradient(model, loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return model.news_encoder.word_embedding.weight.grad.clone()
+
+    model, _, _, features, builder = _setup(known, config, split_history=True)
+    plain_builder = _setup(known, config, split_history=False)[4]
+    objective = NRMSObjective(model)
+    batch, plain = builder.build(0, 0), plain_builder.build(0, 0)
+    full = gradient(model, objective(plain.news, plain.history_slots, plain.history_mask,
+                                     plain.candidate_slots, plain.candidate_mask))
+    no_grad = CachedHistory(model, NewsVectorCache(features.n_rows, model.news_dim, refresh_steps=3), features,
+                            autocast=NO_AUTOCAST, device=torch.device("cpu"))
+    detached = gradient(model, objective(batch.news, None, batch.history_mask, batch.candidate_slots,
+                                         batch.candidate_mask, history_vectors=no_grad.vectors(batch, 0)))
+    cache = NewsVectorCache(features.n_rows, model.news_dim, refresh_steps=3)
+    history = CachedHistory(model, cache, features, autocast=NO_AUTOCAST, device=torch.device("cpu"), grad=True)
+    due, inputs, cached, slots = history.due_inputs(batch, 0)
+    assert torch.equal(due, batch.history_news) and len(inputs) == len(batch.news) + len(due)
+    assert bool((slots[batch.history_mask] > len(batch.news)).all()) and bool((slots[~batch.history_mask] == 0).all())
+    loss, table = objective(inputs, None, batch.history_mask, batch.candidate_slots, batch.candidate_mask,
+                            history_vectors=cached, fresh_slots=slots)
+    with_grad = gradient(model, loss)
+    torch.testing.assert_close(with_grad, full, atol=1e-6, rtol=1e-4)
+    assert (detached - full).abs().max() > 100 * (with_grad - full).abs().max()  # the history's part
+    history.commit(batch, due, table[len(batch.news) + 1:].detach(), 0)
+    following = builder.build(0, 1)
+    due_next, _, cached_next, slots_next = history.due_inputs(following, 1)
+    never = following.history_news[cache.computed_at[following.history_news] < 0]
+    assert torch.equal(due_next.sort().values, never.sort().values)
+    read = following.history_mask & (slots_next == 0)
+    torch.testing.assert_close(cached_next[read], cache.lookup(following.history[read]))
+
+
 def test_staleness_is_bounded_and_vectors_are_those_of_their_step(known):
     """k = 3: at step t every history vector was computed at some s with 0 <= t - s < 3, it is
     re-encoded exactly when t - s would reach 3 (not before), and it equals the eval-mode encoding
@@ -170,8 +244,9 @@ def _same_weights(a: Path, b: Path, tol: float = 1e-6) -> bool:
     return wa.keys() == wb.keys() and all(torch.allclose(wa[n], wb[n], atol=tol, rtol=0) for n in wa)
 
 
-def test_resume_with_the_cache_equals_straight_training(known, tmp_path):
-    cfg = _config(epochs=2, checkpoint_every_steps=5, news_cache_refresh_steps=4)
+@pytest.mark.parametrize("grad", [False, True])
+def test_resume_with_the_cache_equals_straight_training(known, tmp_path, grad):
+    cfg = _config(epochs=2, checkpoint_every_steps=5, news_cache_refresh_steps=4, news_cache_refresh_grad=grad)
     straight = fit(cfg, data_dir=known, out_dir=tmp_path / "straight")
     fit(cfg, data_dir=known, out_dir=tmp_path / "resumed", stop_after_steps=7)
     payload = load_checkpoint(tmp_path / "resumed" / "checkpoints")
@@ -207,6 +282,8 @@ def test_learns_a_known_answer_with_the_cache(known, tmp_path):
 def test_refresh_steps_is_validated():
     with pytest.raises(ConfigError, match="news_cache_refresh_steps"):
         _config(news_cache_refresh_steps=-1)
+    with pytest.raises(ConfigError, match="news_cache_refresh_grad applies to the news-vector cache only"):
+        _config(news_cache_refresh_grad=True)
     with pytest.raises(ValueError):
         NewsVectorCache(3, 2, refresh_steps=0)
 
@@ -236,21 +313,25 @@ def test_plm_encoder_reads_fresh_cached_states(tmp_path):
         torch.testing.assert_close(got[mask], expected, atol=1e-5, rtol=1e-4)
         _train_step(objective, model, optimizer, scheduler, batch, autocast=NO_AUTOCAST,
                     device=torch.device("cpu"), grad_clip=1.0, world_size=1, history=history, step=step)
-    result = fit(_config(model=model_opts, epochs=1, news_cache_refresh_steps=3), data_dir=data,
-                 out_dir=tmp_path / "model")
-    assert result.finished and result.global_step > 0
+    for grad in (False, True):  # with the grad refresh, the due news' states join the candidates'
+        result = fit(_config(model=model_opts, epochs=1, news_cache_refresh_steps=3, news_cache_refresh_grad=grad),
+                     data_dir=data, out_dir=tmp_path / f"model-{grad}")
+        assert result.finished and result.global_step > 0
 
 
-def test_two_process_torchrun_with_the_cache_matches_single_process(known, tmp_path):
+@pytest.mark.parametrize("grad", [False, True])
+def test_two_process_torchrun_with_the_cache_matches_single_process(known, tmp_path, grad):
     """Each rank refreshes the due news of its shard and all-gathers them: every rank holds the cache
-    one process would hold on the whole global batch, so the weights match the single-process run."""
+    one process would hold on the whole global batch, so the weights match the single-process run.
+    With the grad refresh each rank's due news carry its shard's gradient, which DDP averages."""
     from tests.test_distributed import OVERRIDES, single_process_config, torchrun_train
 
-    overrides = {**OVERRIDES, "train.news_cache_refresh_steps": 3, "train.max_steps": 6}
+    overrides = {**OVERRIDES, "train.news_cache_refresh_steps": 3, "train.max_steps": 6,
+                 "train.news_cache_refresh_grad": str(grad).lower()}
     torchrun_train(known, tmp_path / "ddp", overrides)
     raw = single_process_config(overrides)
     fit(config_from_dict(raw), data_dir=known, out_dir=tmp_path / "single")
-    off = {**raw, "train": {**raw["train"], "news_cache_refresh_steps": 0}}
+    off = {**raw, "train": {**raw["train"], "news_cache_refresh_steps": 0, "news_cache_refresh_grad": False}}
     fit(config_from_dict(off), data_dir=known, out_dir=tmp_path / "off")
     from newsrec.eval.evaluate import evaluate
 

@@ -45,6 +45,24 @@ class NewsInputs:
             for f in dataclasses.fields(self)})
 
     @classmethod
+    def cat(cls, parts: "list[NewsInputs]") -> "NewsInputs":
+        """The news of ``parts`` one after another (PLM states right-padded to the widest part)."""
+        fields: dict[str, Tensor | None] = {}
+        for f in dataclasses.fields(cls):
+            values = [getattr(p, f.name) for p in parts]
+            if all(v is None for v in values):
+                fields[f.name] = None
+                continue
+            if any(v is None for v in values):
+                raise ValueError(f"NewsInputs.cat: field {f.name} is set in some parts only")
+            if f.name in ("text_states", "text_mask"):
+                width = max(int(v.shape[1]) for v in values)
+                values = [torch.nn.functional.pad(v, (0, 0, 0, width - v.shape[1]) if v.ndim == 3
+                                                  else (0, width - v.shape[1])) for v in values]
+            fields[f.name] = torch.cat(values)
+        return cls(**fields)
+
+    @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], device: torch.device | str | None = None
                     ) -> "NewsInputs":
         """Numpy arrays keyed by field name (ids cast to int64, states kept in their dtype)."""

@@ -5,7 +5,8 @@ impression drawn afresh each epoch, softmax cross-entropy over the 1 + npratio s
 candidates masked to −inf). AdamW with linear warmup then linear decay, gradient clipping.
 Each step encodes every distinct news of the batch once (``batching``); with
 ``train.news_cache_refresh_steps`` the history side reads detached vectors from a cache instead and
-only the candidates (and the history news due for a refresh) are encoded (``news_cache``).
+only the candidates (and the history news due for a refresh) are encoded (``news_cache``); with
+``train.news_cache_refresh_grad`` those due news are encoded with gradients inside the step.
 
 Model selection never sees the split it reports. The fit log is the union of ``train.fit_splits``
 (labelled splits, ordered by time); its latest ``train.holdout_fraction`` (by time) is held out of
@@ -30,7 +31,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -55,7 +56,8 @@ CHECKPOINT_DIR = "checkpoints"
 # train.epochs or the logging cadence, may change on resume).
 _RESUME_INVARIANT = ("data", "model", "train.batch_size", "train.npratio", "train.seed", "train.lr",
                      "train.weight_decay", "train.warmup_steps", "train.bf16", "train.bucket_size",
-                     "train.fit_splits", "train.holdout_fraction", "train.news_cache_refresh_steps")
+                     "train.fit_splits", "train.holdout_fraction", "train.news_cache_refresh_steps",
+                     "train.news_cache_refresh_grad")
 NO_SELECTION = "train.holdout_fraction=0: no model selection (no early stopping); the last epoch is kept"
 
 
@@ -158,19 +160,27 @@ class NRMSObjective(nn.Module):
         self.model = model
 
     def forward(self, news: NewsInputs, history_slots: Tensor | None, history_mask: Tensor,
-                candidate_slots: Tensor, candidate_mask: Tensor, history_vectors: Tensor | None = None) -> Tensor:
+                candidate_slots: Tensor, candidate_mask: Tensor, history_vectors: Tensor | None = None,
+                fresh_slots: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """news: the inputs of the U unique news, history_slots/mask [B, H], candidate_slots/mask [B, C]
         (column 0 = the click) → summed loss over the B samples (scalar). ``history_vectors [B, H, D]``
-        (the news-vector cache's, detached) replace ``table[history_slots]`` when given."""
+        (the news-vector cache's, detached) replace ``table[history_slots]`` when given; then
+        ``fresh_slots [B, H]`` (> 0) put the rows of the table encoded in this step (with gradients)
+        in place of the cached vectors of the history news due for a refresh, and the table comes
+        back beside the loss."""
         news_vectors = self.model.encode_news(news)  # [U, D]
         table = torch.cat([news_vectors.new_zeros(1, news_vectors.shape[1]), news_vectors])  # [U+1, D]
         if history_vectors is None:
             history_vectors = table[history_slots]
+        elif fresh_slots is not None:
+            fresh = table[fresh_slots]
+            history_vectors = torch.where((fresh_slots > 0).unsqueeze(-1), fresh, history_vectors.to(fresh.dtype))
         user_vectors = self.model.encode_user(history_vectors, history_mask)  # [B, D]
         logits = self.model.score(user_vectors, table[candidate_slots]).float()  # [B, C]
         logits = logits.masked_fill(~candidate_mask, float("-inf"))
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        return F.cross_entropy(logits, target, reduction="sum")
+        loss = F.cross_entropy(logits, target, reduction="sum")
+        return (loss, table) if fresh_slots is not None else loss
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int) -> float:
@@ -339,7 +349,8 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
     tracking_cfg = config.tracking if ctx.is_main else dataclasses.replace(config.tracking, enabled=False)
     autocast = torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=tc.bf16)
     history = (CachedHistory(model, cache, features, autocast=autocast, device=ctx.device,
-                             bucket_size=bucket_size, ctx=ctx) if cache is not None else None)
+                             bucket_size=bucket_size, ctx=ctx, grad=tc.news_cache_refresh_grad)
+               if cache is not None else None)
     config_yaml = config.to_yaml()
     interrupted = False
     train_seconds, train_samples = 0.0, 0
@@ -467,11 +478,14 @@ def _kept_record(state: checkpoint.TrainState, *, selection: bool) -> dict[str, 
 
 class CachedHistory:
     """The history side of a step with the news-vector cache: refresh the batch's due history news
-    (eval mode, no gradient, gathered from ``features`` only for those), then read ``[B, H, D]``."""
+    (gathered from ``features`` only for those), then read ``[B, H, D]``. By default a refresh
+    encodes in eval mode without gradient, before the step (``vectors``); with ``grad`` the due news
+    are encoded inside the step's forward pass, in train mode and with gradients, beside the
+    candidates (``due_inputs``, then ``commit``), as SpeedyRec does."""
 
     def __init__(self, model: nn.Module, cache: NewsVectorCache, features: NewsFeatures, *, autocast: Any,
                  device: torch.device, bucket_size: int | None = None,
-                 ctx: distributed.DistContext | None = None) -> None:
+                 ctx: distributed.DistContext | None = None, grad: bool = False) -> None:
         self.model = model
         self.cache = cache
         self.features = features
@@ -479,6 +493,7 @@ class CachedHistory:
         self.device = device
         self.bucket_size = bucket_size
         self.ctx = ctx
+        self.grad = grad
 
     def encode(self, news: Tensor) -> Tensor:
         """Eval-mode, gradient-free vectors of ``news`` (news_idx) → float32 [n, D]."""
@@ -495,14 +510,40 @@ class CachedHistory:
 
     def vectors(self, batch: Batch, step: int) -> Tensor:
         """The batch's history vectors at ``step`` ``[B, H, D]`` (padding → zeros), detached."""
+        self.cache.refresh(self._history_news(batch), step, self.encode, self._exchange())
+        return self.cache.lookup(batch.history)
+
+    def due_inputs(self, batch: Batch, step: int) -> tuple[Tensor, NewsInputs, Tensor, Tensor]:
+        """With ``grad``: (the due history news ``[n]``; the inputs of the candidates' unique news
+        followed by the due news'; the cached history vectors ``[B, H, D]``, detached; ``[B, H]``
+        the row of the step's encoded table holding each due history news, 0 for the others)."""
+        due = self.cache.due(self._history_news(batch), step).cpu()
+        ids = due.numpy()
+        inputs = batch.news
+        slots = torch.zeros_like(batch.history)
+        if len(ids):
+            due_news = NewsInputs.from_arrays(self.features.gather(pad_to_bucket(ids, self.bucket_size)))
+            inputs = NewsInputs.cat([batch.news, due_news])
+            position = torch.zeros(self.cache.vectors.shape[0], dtype=torch.int64)
+            position[due] = torch.arange(len(ids), dtype=torch.int64) + len(batch.news) + 1  # table row
+            slots = position[batch.history]
+        return due, inputs, self.cache.lookup(batch.history), slots
+
+    def commit(self, batch: Batch, due: Tensor, vectors: Tensor, step: int) -> None:
+        """Write the step's vectors of its ``due`` history news (``vectors [n, D]``) to the cache."""
+        self.cache.commit(self._history_news(batch), due, vectors, step, self._exchange())
+
+    @staticmethod
+    def _history_news(batch: Batch) -> Tensor:
         if batch.history_news is None:
             raise ConfigError("the news-vector cache needs batches built with split_history=True")
-        exchange = None
-        if self.ctx is not None and self.ctx.distributed:
-            ctx = self.ctx
-            exchange = lambda news, rows: distributed.all_gather_rows(news, rows, ctx)  # noqa: E731
-        self.cache.refresh(batch.history_news, step, self.encode, exchange)
-        return self.cache.lookup(batch.history)
+        return batch.history_news
+
+    def _exchange(self) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+        if self.ctx is None or not self.ctx.distributed:
+            return None
+        ctx = self.ctx
+        return lambda news, rows: distributed.all_gather_rows(news, rows, ctx)
 
 
 def _train_step(objective: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -517,7 +558,15 @@ def _train_step(objective: nn.Module, model: nn.Module, optimizer: torch.optim.O
         return t.to(device, non_blocking=True)
 
     optimizer.zero_grad(set_to_none=True)
-    if history is not None:
+    if history is not None and history.grad:
+        due, news, history_vectors, fresh_slots = history.due_inputs(batch, step)
+        with autocast:
+            loss_sum, table = objective(news.to(device, non_blocking=True), None, put(batch.history_mask),
+                                        put(batch.candidate_slots), put(batch.candidate_mask),
+                                        history_vectors=history_vectors, fresh_slots=put(fresh_slots))
+        first = len(batch.news) + 1
+        history.commit(batch, due, table[first:first + len(due)].detach().float(), step)
+    elif history is not None:
         history_vectors = history.vectors(batch, step)
         with autocast:
             loss_sum = objective(batch.news.to(device, non_blocking=True), None, put(batch.history_mask),

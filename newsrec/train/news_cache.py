@@ -71,14 +71,27 @@ class NewsVectorCache:
         this process encoded."""
         due = self.due(news, step)
         vectors = encode(due) if len(due) else self.vectors.new_zeros(0, self.vectors.shape[1])
+        self.commit(news, due, vectors, step, exchange)
+        return due
+
+    def commit(self, news: Tensor, due: Tensor, vectors: Tensor, step: int,
+               exchange: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None) -> None:
+        """Write the ``vectors [n, D]`` this process computed at ``step`` for its ``due`` news (of the
+        history ``news`` it read), after ``exchange`` (torchrun) turned them into every process's."""
+        vectors = vectors.detach().to(self.vectors.dtype)
         self.refreshed += len(due)
         self.read += len(news)
         if exchange is not None:
             all_news, all_vectors = exchange(due, vectors)
+            # two ranks may both have refreshed a news (with gradients, two dropout draws): every
+            # rank keeps the lowest rank's, so all ranks hold the same row
+            first = np.unique(all_news.cpu().numpy(), return_index=True)[1]
+            if len(first) < len(all_news):
+                keep = torch.from_numpy(first).to(all_news.device)
+                all_news, all_vectors = all_news[keep], all_vectors[keep]
         else:
             all_news, all_vectors = due, vectors
         self.write(all_news, all_vectors, step)
-        return due
 
     def lookup(self, news: Tensor) -> Tensor:
         """Cached vectors of ``news`` (any shape of news_idx; 0 = padding → zero vector) → ``[..., D]``."""
