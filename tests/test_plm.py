@@ -131,52 +131,47 @@ def test_plm_model_learns_a_known_answer_and_round_trips(known, tmp_path):
     np.testing.assert_allclose(fast[picked], slow, atol=1e-5, rtol=1e-5)
 
 
-def test_fine_tuned_top_layer_trains_saves_and_encodes_fresh_news_alike(known, tmp_path):
+def _one_epoch(known, out: Path, **model):
+    """(dataset, loaded model, its vectors of every news) after one epoch with these model settings."""
     data, bert = known
-    config = _config(bert, plm_finetune_layers=1)
+    config = _config(bert, **model)
     config.train.epochs = 1
-    fit(config, data_dir=data, out_dir=tmp_path / "model")
+    fit(config, data_dir=data, out_dir=out)
     dataset = open_dataset(data)
-    loaded = load_model(tmp_path / "model")
-    original = plm.TextBackbone(str(bert), max_len=12, finetune_layers=1).top_layers()
-    trained = loaded.model.news_encoder.plm_layers
-    moved = [not torch.equal(a, b) for a, b in zip(original.state_dict().values(), trained.state_dict().values())]
-    assert any(moved)  # the top block is trained, not frozen
-    vectors = encode_all_news(loaded.model, dataset, batch_size=4, show_progress=False)
-    # a fresh news with a known news' title and category: same backbone, same vector
+    loaded = load_model(out)
+    return dataset, loaded, encode_all_news(loaded.model, dataset, batch_size=4, show_progress=False)
+
+
+def _assert_fresh_news_encodes_alike(dataset, loaded, vectors, idx: int = 9) -> None:
+    """A fresh news with a known news' title and category: same inputs, same vector."""
     features = news_features(dataset, loaded.config, plm_fingerprint=loaded.model.plm_fingerprint)
-    idx = 9
     title = dataset.news.filter(dataset.news["news_idx"] == idx)["title"][0]
     cat, sub = (int(a[idx]) for a in dataset.news_categories)
     with torch.no_grad():
         fresh = loaded.model.encode_news(NewsInputs.from_arrays(features.fresh([title], [cat], [sub])))
     torch.testing.assert_close(fresh[0], vectors[idx], atol=2e-3, rtol=2e-3)
+
+
+def test_fine_tuned_top_layer_trains_saves_and_encodes_fresh_news_alike(known, tmp_path):
+    dataset, loaded, vectors = _one_epoch(known, tmp_path / "model", plm_finetune_layers=1)
+    original = plm.TextBackbone(str(known[1]), max_len=12, finetune_layers=1).top_layers()
+    trained = loaded.model.news_encoder.plm_layers
+    moved = [not torch.equal(a, b) for a, b in zip(original.state_dict().values(), trained.state_dict().values())]
+    assert any(moved)  # the top block is trained, not frozen
+    _assert_fresh_news_encodes_alike(dataset, loaded, vectors)  # same backbone, same vector
 
 
 def test_title_match_reads_the_words_beside_the_plm_and_fresh_news_alike(known, tmp_path):
     from newsrec.data.features import title_match_vectors
 
-    data, bert = known
-    config = _config(bert, title_match_dim=4)
-    config.train.epochs = 1
-    fit(config, data_dir=data, out_dir=tmp_path / "model")
-    dataset = open_dataset(data)
-    loaded = load_model(tmp_path / "model")
+    dataset, loaded, vectors = _one_epoch(known, tmp_path / "model", title_match_dim=4)
     assert loaded.model.news_dim == 16 + loaded.model.category_lift.width + 4
-    vectors = encode_all_news(loaded.model, dataset, batch_size=4, show_progress=False)
     # the last block is the title's normalised LSA row, as a words model's would be
     tokens = np.asarray(dataset.title_tokens)
     lsa = title_match_vectors(tokens, dataset.vocab_size, 4)[tokens].sum(axis=1)
     lsa /= np.maximum(np.linalg.norm(lsa, axis=1, keepdims=True), 1e-12)
     np.testing.assert_allclose(vectors[1:, -4:].numpy(), lsa[1:], atol=1e-5)
-    # a fresh news with a known news' title: the PLM states and the title words both read alike
-    features = news_features(dataset, loaded.config, plm_fingerprint=loaded.model.plm_fingerprint)
-    idx = 9
-    title = dataset.news.filter(dataset.news["news_idx"] == idx)["title"][0]
-    cat, sub = (int(a[idx]) for a in dataset.news_categories)
-    with torch.no_grad():
-        fresh = loaded.model.encode_news(NewsInputs.from_arrays(features.fresh([title], [cat], [sub])))
-    torch.testing.assert_close(fresh[0], vectors[idx], atol=2e-3, rtol=2e-3)
+    _assert_fresh_news_encodes_alike(dataset, loaded, vectors)  # the PLM states and the title words alike
 
 
 def test_settings_are_checked():
