@@ -342,14 +342,15 @@ def main() -> None:
             if path.exists():
                 cell = json.loads(path.read_text())
                 missing = tuple(b for b in BASELINE_ROWS if b not in cell["rows"])
-                if (missing or args.refit_reranker or args.retrain) and not args.report_only:
+                stale = cell.get("config") != config_stamp
+                if (missing or args.refit_reranker or (args.retrain and stale)) and not args.report_only:
                     dataset = open_dataset(path.parent / "dataset")
                     scored = _scorer(dataset, cell["rows"], cell["timing"], f"{world} seed {seed}", echo)
                 if missing and not args.report_only:  # a baseline added after the cell was built
                     echo(f"[{world} seed {seed}: {', '.join(missing)}]")
                     baseline_rows(dataset.root, scored, missing)
                     write_json(path, cell)
-                if args.retrain and not args.report_only and cell.get("config") != config_stamp:
+                if args.retrain and stale and not args.report_only:
                     echo(f"[{world} seed {seed}: retrain]")
                     cell["guard"] = model_rows(dataset, path.parent / "models", cell["rows"], cell["timing"],
                                                seed=seed, config=args.config, mhsa_config=args.mhsa,

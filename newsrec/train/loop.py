@@ -517,16 +517,18 @@ class CachedHistory:
         """With ``grad``: (the due history news ``[n]``; the inputs of the candidates' unique news
         followed by the due news'; the cached history vectors ``[B, H, D]``, detached; ``[B, H]``
         the row of the step's encoded table holding each due history news, 0 for the others)."""
-        due = self.cache.due(self._history_news(batch), step).cpu()
-        ids = due.numpy()
+        news = self._history_news(batch)
+        is_due = self.cache.is_due(news, step).cpu()
+        due = news[is_due]
         inputs = batch.news
         slots = torch.zeros_like(batch.history)
-        if len(ids):
-            due_news = NewsInputs.from_arrays(self.features.gather(pad_to_bucket(ids, self.bucket_size)))
+        if len(due):
+            due_news = NewsInputs.from_arrays(self.features.gather(pad_to_bucket(due.numpy(), self.bucket_size)))
             inputs = NewsInputs.cat([batch.news, due_news])
-            position = torch.zeros(self.cache.vectors.shape[0], dtype=torch.int64)
-            position[due] = torch.arange(len(ids), dtype=torch.int64) + len(batch.news) + 1  # table row
-            slots = position[batch.history]
+            # batch.history_slots index [padding; history_news]: map each to its row of the step's table
+            rows = torch.zeros(len(news) + 1, dtype=torch.int64)
+            rows[1:][is_due] = torch.arange(len(due), dtype=torch.int64) + len(batch.news) + 1
+            slots = rows[batch.history_slots]
         return due, inputs, self.cache.lookup(batch.history), slots
 
     def commit(self, batch: Batch, due: Tensor, vectors: Tensor, step: int) -> None:
@@ -565,7 +567,7 @@ def _train_step(objective: nn.Module, model: nn.Module, optimizer: torch.optim.O
                                         put(batch.candidate_slots), put(batch.candidate_mask),
                                         history_vectors=history_vectors, fresh_slots=put(fresh_slots))
         first = len(batch.news) + 1
-        history.commit(batch, due, table[first:first + len(due)].detach().float(), step)
+        history.commit(batch, due, table[first:first + len(due)], step)  # detached by the cache
     elif history is not None:
         history_vectors = history.vectors(batch, step)
         with autocast:

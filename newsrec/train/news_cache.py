@@ -47,11 +47,15 @@ class NewsVectorCache:
     def device(self) -> torch.device:
         return self.vectors.device
 
-    def due(self, news: Tensor, step: int) -> Tensor:
-        """The news of ``news`` (int64 news_idx > 0) whose vector must be computed before ``step``
+    def is_due(self, news: Tensor, step: int) -> Tensor:
+        """bool ``[n]``: which of ``news`` (int64 news_idx > 0) must be computed before ``step``
         reads it: never computed, or computed ``refresh_steps`` or more steps before."""
+        return (step - self.computed_at[news.to(self.device)]) >= self.refresh_steps
+
+    def due(self, news: Tensor, step: int) -> Tensor:
+        """The news of ``news`` that are due at ``step`` (``is_due``)."""
         news = news.to(self.device)
-        return news[(step - self.computed_at[news]) >= self.refresh_steps]
+        return news[self.is_due(news, step)]
 
     def write(self, news: Tensor, vectors: Tensor, step: int) -> None:
         """Store detached ``vectors [n, D]`` of ``news [n]`` as computed at ``step``."""
