@@ -483,3 +483,45 @@ def test_title_match_spread_is_the_centred_cosine_std_and_survives_save_load(tmp
     torch.testing.assert_close(loaded.title_match.word_vectors, model.title_match.word_vectors)
     for a, b in zip(_outputs(model), _outputs(loaded)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("encoder", ["fastformer", "mhsa"])
+def test_large_batches_are_encoded_in_length_sorted_calls_like_one_news_at_a_time(encoder: str) -> None:
+    from newsrec.models.encoders import LENGTH_CHUNK
+
+    model = _model(encoder=encoder).train()  # dropout 0: training mode is deterministic
+    n = LENGTH_CHUNK * 2 + 37
+    g = torch.Generator().manual_seed(5)
+    titles = torch.randint(2, VOCAB, (n, TITLE_LEN), generator=g)
+    lengths = torch.randint(0, TITLE_LEN + 1, (n,), generator=g)
+    titles[torch.arange(TITLE_LEN)[None, :] >= lengths[:, None]] = 0
+    cat, sub = torch.arange(n) % N_CAT, torch.arange(n) % N_SUB
+    weights = torch.randn(n, generator=g)
+    together = model.encode_news(titles, cat, sub)
+    (together.sum(dim=1) * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    alone = torch.cat([model.encode_news(titles[i:i + 1], cat[i:i + 1], sub[i:i + 1]) for i in range(n)])
+    (alone.sum(dim=1) * weights).sum().backward()
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales() -> None:
+    from newsrec.models.attention import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.2)
+    x = torch.full((200_000,), 3.0, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.005  # ~9 standard deviations
+    torch.testing.assert_close(y[kept], torch.full((int(kept.sum()),), 3.0 / 0.8))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.8)
+    assert drop(x).ne(y).any()  # a fresh mask per call
+    assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
+    with pytest.raises(ValueError):
+        Dropout(1.0)

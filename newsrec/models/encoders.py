@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from newsrec.config import ModelConfig
 from newsrec.errors import ArtifactError
-from newsrec.models.attention import AdditivePooling
+from newsrec.models.attention import AdditivePooling, Dropout
 from newsrec.models.fastformer import LayerStack
 from newsrec.models.inputs import NewsInputs
 
@@ -34,6 +34,22 @@ def _stack(cfg: ModelConfig, *, in_dim: int, num_layers: int) -> LayerStack:
                       num_layers=num_layers, share_layers=cfg.share_layers,
                       value_from_query=cfg.value_from_query, layer_norm=cfg.layer_norm,
                       feed_forward=cfg.feed_forward, dropout=cfg.dropout)
+
+
+# news per encoder call when a large batch is split by text length (measured at MIND shapes on 2
+# cores: 780 news forward and backward 1.3-1.6x faster in 256-news calls sorted by length)
+LENGTH_CHUNK = 256
+
+
+def _trim_padding(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``x [B, T, ...]`` and ``mask [B, T]`` without the trailing positions that are padding in every
+    row (at least one position kept). Exact: padded positions never change real ones' outputs, and
+    titles average ~12 of MIND's 30 word slots, so this saves a large share of the encoder's work."""
+    real = mask.any(dim=0).nonzero()
+    width = int(real[-1]) + 1 if len(real) else 1
+    if width == mask.shape[1]:
+        return x, mask
+    return x[:, :width], mask[:, :width]
 
 
 class NewsEncoder(nn.Module):
@@ -64,7 +80,7 @@ class NewsEncoder(nn.Module):
             # statistics of the training news (``set_text_statistics``) speeds learning up markedly
             self.register_buffer("text_shift", torch.zeros(plm_dim))
             self.register_buffer("text_scale", torch.ones(plm_dim))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.stack = _stack(cfg, in_dim=text_dim, num_layers=cfg.num_layers)
         self.pooling = AdditivePooling(cfg.hidden_size, cfg.pooling_hidden)
         if cfg.use_category:
@@ -125,7 +141,7 @@ class NewsEncoder(nn.Module):
             if tokens is None:
                 raise ArtifactError("the news encoder reads title words (model.text_encoder=words) but the "
                                     "news inputs hold none")
-            mask = tokens != 0  # (B, T)
+            tokens, mask = _trim_padding(tokens, tokens != 0)  # (B, T')
             if self.training and self.word_dropout > 0:
                 dropped = (torch.rand(tokens.shape, device=tokens.device) < self.word_dropout) & mask
                 tokens = tokens.masked_fill(dropped, UNK_WORD_ID)
@@ -134,9 +150,9 @@ class NewsEncoder(nn.Module):
             if news.text_states is None or news.text_mask is None:
                 raise ArtifactError("the news encoder reads PLM token states (model.text_encoder=plm) but "
                                     "the news inputs hold none")
-            mask = news.text_mask  # (B, L)
+            states, mask = _trim_padding(news.text_states, news.text_mask)  # (B, L', H), (B, L')
             dtype = self.pooling.proj.weight.dtype
-            x = news.text_states.to(dtype)  # (B, L, H)
+            x = states.to(dtype)
             if self.plm_layers is not None:
                 x = self.plm_layers(x, mask)
             x = (x - self.text_shift) / self.text_scale
@@ -144,6 +160,22 @@ class NewsEncoder(nn.Module):
         return self.pooling(self.stack(x, mask), mask)  # (B, D)
 
     def forward(self, news: NewsInputs) -> Tensor:
+        n = len(news)
+        lengths = self._text_lengths(news)
+        if n <= LENGTH_CHUNK or lengths is None:
+            return self._encode(news)
+        # sorted by text length, each call's titles are about as long as its longest one
+        order = torch.argsort(lengths, stable=True)
+        parts = [self._encode(news.select(rows)) for rows in order.tensor_split(-(-n // LENGTH_CHUNK))]
+        return torch.cat(parts)[torch.argsort(order)]
+
+    def _text_lengths(self, news: NewsInputs) -> Tensor | None:
+        """Real words (or PLM tokens) per news ``[B]``; None when the inputs lack the text."""
+        if self.word_embedding is not None:
+            return None if news.title_tokens is None else (news.title_tokens != 0).sum(dim=1)
+        return None if news.text_mask is None else news.text_mask.sum(dim=1)
+
+    def _encode(self, news: NewsInputs) -> Tensor:
         text = self._title(news)  # (B, D)
         views = [text]
         present = [torch.ones(len(news), dtype=torch.bool, device=text.device)]
@@ -175,7 +207,7 @@ class UserEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig, *, max_history: int) -> None:
         super().__init__()
         num_layers = cfg.user_num_layers or cfg.num_layers
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.max_history = max_history
         self.position_embedding = (nn.Embedding(max_history, cfg.hidden_size)
                                    if cfg.position_embeddings else None)

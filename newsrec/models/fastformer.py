@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from newsrec.models.attention import MultiHeadSelfAttention, masked_softmax
+from newsrec.models.attention import Dropout, MultiHeadSelfAttention, masked_softmax
 
 ATTENTION_KINDS = ("fastformer", "mhsa")
 
@@ -102,7 +102,7 @@ class EncoderLayer(nn.Module):
                                            nn.Linear(4 * hidden_size, hidden_size))
                              if feed_forward else None)
         self.ff_norm = nn.LayerNorm(hidden_size) if (layer_norm and feed_forward) else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         h = self.dropout(self.attention(x, mask))

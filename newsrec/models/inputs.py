@@ -44,6 +44,12 @@ class NewsInputs:
                      else getattr(self, f.name).to(device, non_blocking=non_blocking))
             for f in dataclasses.fields(self)})
 
+    def select(self, rows: Tensor) -> "NewsInputs":
+        """The news at ``rows`` (int64 [n]), in that order."""
+        return dataclasses.replace(self, **{
+            f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[rows])
+            for f in dataclasses.fields(self)})
+
     @classmethod
     def cat(cls, parts: "list[NewsInputs]") -> "NewsInputs":
         """The news of ``parts`` one after another (PLM states right-padded to the widest part)."""

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from newsrec.config import RerankConfig
 from newsrec.errors import ArtifactError
+from newsrec.models.attention import Dropout
 from newsrec.models.fastformer import LayerStack
 
 RETRIEVAL_FEATURE = 0  # features[..., 0] is the first stage's score
@@ -135,7 +136,7 @@ class Reranker(nn.Module):
                                           num_layers=cfg.num_layers - 1, dropout=cfg.dropout)
                                if cfg.num_layers > 1 else None)
         self.seeded = CandidateSeededFastformer(d, cfg.num_heads)
-        self.head = nn.Sequential(nn.Linear(3 * d + n_features, d), nn.GELU(), nn.Dropout(cfg.dropout),
+        self.head = nn.Sequential(nn.Linear(3 * d + n_features, d), nn.GELU(), Dropout(cfg.dropout),
                                   nn.Linear(d, 1))
         self.retrieval_weight = nn.Parameter(torch.ones(()))
         self.feature_linear = nn.Linear(n_features, 1, bias=False)  # the features' direct, linear say

@@ -192,14 +192,16 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int) -> float:
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.AdamW:
-    """AdamW; biases, norms and other 1-D parameters without weight decay."""
+    """AdamW; biases, norms and other 1-D parameters without weight decay. The fused kernel: the
+    same update in one pass over each tensor, ~4× faster than the per-op one on a 2-core CPU (the
+    word table's 9M parameters made the optimizer a quarter of a cached step at MIND shapes)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": config.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.train.lr)
+    return torch.optim.AdamW(groups, lr=config.train.lr, fused=True)
 
 
 def _seed_everything(seed: int) -> None:
