@@ -11,16 +11,18 @@ Variants measured in one run on the same Zipf-like batches (so deduplication is 
 Each is reported in training samples/s, as a ratio to naive, and as a fraction of the machine's
 measured matrix-multiply rate (FLOPs of one step counted by torch's FLOP counter). Then Fastformer vs
 MHSA training samples/s at history 50, 200 and 1,000, each without and with the news-vector cache
-(``train.news_cache_refresh_steps``, ``--cache-refresh``): with the cache, the steps are timed after
-``--cache-refresh`` + 2 untimed steps over fresh batches, so the cache is in its steady state (the
-share of the history's distinct news re-encoded per step is reported beside).
+(``train.news_cache_refresh_steps``, ``--cache-refresh``; both refresh modes): the three models of an
+encoder train side by side, one step of each in turn, so that a shared machine's drifting speed hits
+them alike, and the cached ones are timed after ``--cache-refresh`` + 2 untimed steps over fresh
+batches, so the cache is in its steady state (the share of the history's distinct news re-encoded per
+step is reported beside).
 
 Last, dev AUC with and without the cache: Fastformer (configs/demo.yaml) and MHSA
 (configs/nrms_mhsa.yaml) trained on generated worlds (``--auc-worlds``, ``--auc-size``), each run
 capped at ``--auc-max-steps`` optimizer steps to keep the section within ~15 minutes on 2 cores.
 Prints tables; writes docs/benchmarks/train_speed.{json,png}.
 
-    python benchmarks/train_speed.py [--threads 2] [--steps 6] [--quick] [--cache-refresh 20]
+    python benchmarks/train_speed.py [--threads 2] [--steps 10] [--quick] [--cache-refresh 20]
                                      [--auc-worlds default,cold-test] [--auc-size demo]
                                      [--auc-max-steps 120] [--skip-auc] [--work DIR]
 """
@@ -128,30 +130,59 @@ def cached_step(objective: NRMSObjective, optimizer: torch.optim.Optimizer, hist
                 grad_clip=1.0, world_size=1, history=history, step=step)
 
 
-def measure_cached(model: NewsRecommender, batches: list[Batch], tokens: np.ndarray, *, refresh: int, steps: int,
-                   bf16: bool, grad: bool = False) -> tuple[float, float]:
-    """(median seconds per step, share of the history's distinct news re-encoded per step) over
-    ``steps`` steps after ``refresh + 2`` untimed steps on the batches before them."""
-    objective = NRMSObjective(model)
-    opt = build_optimizer(model, config_from_dict({}))
-    features = NewsFeatures(category=np.arange(N_NEWS + 1) % 20, subcategory=np.arange(N_NEWS + 1) % 200,
-                            title_tokens=tokens)
-    cache = NewsVectorCache(N_NEWS + 1, model.news_dim, refresh_steps=refresh)
-    history = CachedHistory(model, cache, features, autocast=torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
-                            device=torch.device("cpu"), bucket_size=64 if bf16 else None, grad=grad)
+class CachedRun:
+    """A model trained with the news-vector cache (``grad``: the due news re-encoded inside the step)."""
+
+    def __init__(self, encoder: str, tokens: np.ndarray, *, history_len: int, refresh: int, bf16: bool,
+                 grad: bool) -> None:
+        model = make_model(encoder, history_len=history_len)
+        self.objective = NRMSObjective(model)
+        self.optimizer = build_optimizer(model, config_from_dict({}))
+        features = NewsFeatures(category=np.arange(N_NEWS + 1) % 20, subcategory=np.arange(N_NEWS + 1) % 200,
+                                title_tokens=tokens)
+        self.cache = NewsVectorCache(N_NEWS + 1, model.news_dim, refresh_steps=refresh)
+        self.history = CachedHistory(model, self.cache, features,
+                                     autocast=torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+                                     device=torch.device("cpu"), bucket_size=64 if bf16 else None, grad=grad)
+        self.bf16 = bf16
+
+    def step(self, batch: Batch, step: int) -> None:
+        cached_step(self.objective, self.optimizer, self.history, batch, step, bf16=self.bf16)
+
+
+def measure_interleaved(encoder: str, plain: list[Batch], split: list[Batch], tokens: np.ndarray, *,
+                        history_len: int, refresh: int, steps: int, bf16: bool) -> dict[str, float]:
+    """Median seconds per step of three models trained side by side (no cache; cache; cache with the
+    grad refresh), one step of each in turn, so that a shared machine's drifting speed hits all three
+    alike; the cached ones first run ``refresh + 2`` untimed steps (steady state). Also the share of
+    the history's distinct news the cache re-encodes per timed step."""
     warm = refresh + 2
-    if len(batches) < warm + steps:
-        raise ValueError(f"{len(batches)} batches for {warm} warm-up and {steps} timed steps")
+    if len(split) < warm + steps or len(plain) < steps + 2:
+        raise ValueError(f"{len(split)} cache batches / {len(plain)} plain batches for {warm} warm-up and "
+                         f"{steps} timed steps")
+    model = make_model(encoder, history_len=history_len)
+    objective = NRMSObjective(model)
+    optimizer = build_optimizer(model, config_from_dict({}))
+    runs = {"cache": CachedRun(encoder, tokens, history_len=history_len, refresh=refresh, bf16=bf16, grad=False),
+            "cache_grad": CachedRun(encoder, tokens, history_len=history_len, refresh=refresh, bf16=bf16, grad=True)}
     for step in range(warm):
-        cached_step(objective, opt, history, batches[step], step, bf16=bf16)
-    cache.reset_counters()
-    times = []
-    for step in range(warm, warm + steps):
+        for run in runs.values():
+            run.step(split[step], step)
+    for batch in plain[:2]:
+        dedup_step(objective, optimizer, batch, bf16=bf16)
+    for run in runs.values():
+        run.cache.reset_counters()
+    times: dict[str, list[float]] = {"plain": [], "cache": [], "cache_grad": []}
+    for i in range(steps):
         t0 = time.perf_counter()
-        cached_step(objective, opt, history, batches[step], step, bf16=bf16)
-        times.append(time.perf_counter() - t0)
-    refreshed, read = cache.reset_counters()
-    return float(np.median(times)), refreshed / max(read, 1)
+        dedup_step(objective, optimizer, plain[2 + i], bf16=bf16)
+        times["plain"].append(time.perf_counter() - t0)
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run.step(split[warm + i], warm + i)
+            times[name].append(time.perf_counter() - t0)
+    refreshed, read = runs["cache"].cache.reset_counters()
+    return {**{name: float(np.median(t)) for name, t in times.items()}, "refresh_share": refreshed / max(read, 1)}
 
 
 def naive_step(model: NewsRecommender, optimizer: torch.optim.Optimizer, batch: Batch, tokens: torch.Tensor) -> None:
@@ -186,7 +217,7 @@ def measure(step: Any, batches: list[Batch], *, steps: int) -> tuple[float, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="fewer steps; history 50 only")
     parser.add_argument("--cache-refresh", type=int, default=20,
                         help="train.news_cache_refresh_steps of the cache rows (SpeedyRec's max_step_in_cache)")
@@ -197,7 +228,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="folder for the AUC worlds (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    steps = 3 if args.quick else args.steps
+    steps = 6 if args.quick else args.steps
 
     print(f"machine: {machine_info()['cpu']}, {args.threads} threads, torch {torch.__version__}")
     fp32_ceiling = matmul_ceiling(torch.float32)
@@ -249,28 +280,21 @@ def main() -> None:
         n_batches = refresh + 2 + steps
         imps = zipf_impressions(n_impressions=BATCH * n_batches, history_len=history_len, seed=2)
         bucket = 64 if fast_bf16 else None
-        plain_batches, _ = build_batches(imps, tokens_np, history_len=history_len, bucket=bucket, n=steps + 3)
+        plain_batches, _ = build_batches(imps, tokens_np, history_len=history_len, bucket=bucket, n=steps + 2)
         split_batches, _ = build_batches(imps, tokens_np, history_len=history_len, bucket=bucket, n=n_batches,
                                          split_history=True)
         row: dict[str, Any] = {"history_len": history_len,
                                "unique_history_news": float(np.mean([len(b.history_news) for b in split_batches])),
                                "unique_candidate_news": float(np.mean([b.n_unique for b in split_batches]))}
         for encoder in ("fastformer", "mhsa"):
-            model = make_model(encoder, history_len=history_len)
-            objective = NRMSObjective(model)
-            opt = build_optimizer(model, config_from_dict({}))
-            seconds, _ = measure(lambda b: dedup_step(objective, opt, b, bf16=fast_bf16), plain_batches,
-                                 steps=max(2, steps // 2) if history_len >= 1000 else steps)
-            row[f"{encoder}_samples_s"] = BATCH / seconds
-            seconds, share = measure_cached(make_model(encoder, history_len=history_len), split_batches, tokens_np,
-                                            refresh=refresh, steps=steps, bf16=fast_bf16)
-            row[f"{encoder}_cache_samples_s"] = BATCH / seconds
-            row[f"{encoder}_cache_speedup"] = row[f"{encoder}_cache_samples_s"] / row[f"{encoder}_samples_s"]
-            row[f"{encoder}_cache_refresh_share"] = share
-            seconds, _ = measure_cached(make_model(encoder, history_len=history_len), split_batches, tokens_np,
-                                        refresh=refresh, steps=steps, bf16=fast_bf16, grad=True)
-            row[f"{encoder}_cache_grad_samples_s"] = BATCH / seconds
-            row[f"{encoder}_cache_grad_speedup"] = row[f"{encoder}_cache_grad_samples_s"] / row[f"{encoder}_samples_s"]
+            seconds = measure_interleaved(encoder, plain_batches, split_batches, tokens_np, history_len=history_len,
+                                          refresh=refresh, steps=max(2, steps // 2) if history_len >= 1000 else steps,
+                                          bf16=fast_bf16)
+            row[f"{encoder}_samples_s"] = BATCH / seconds["plain"]
+            row[f"{encoder}_cache_refresh_share"] = seconds["refresh_share"]
+            for name in ("cache", "cache_grad"):
+                row[f"{encoder}_{name}_samples_s"] = BATCH / seconds[name]
+                row[f"{encoder}_{name}_speedup"] = seconds["plain"] / seconds[name]
         row["ratio"] = row["fastformer_samples_s"] / row["mhsa_samples_s"]
         row["cache_ratio"] = row["fastformer_cache_samples_s"] / row["mhsa_cache_samples_s"]
         row["cache_grad_ratio"] = row["fastformer_cache_grad_samples_s"] / row["mhsa_cache_grad_samples_s"]
