@@ -135,22 +135,28 @@ class NewsEncoder(nn.Module):
         self.text_shift.copy_(tokens.mean(dim=0))
         self.text_scale.copy_(tokens.std(dim=0).clamp_min(1e-3))
 
-    def _title(self, news: NewsInputs) -> Tensor:
+    def _text_mask(self, news: NewsInputs) -> Tensor:
+        """bool ``[B, T]``: the real title words (or PLM tokens) of ``news``; ArtifactError when the
+        inputs lack the text this encoder reads."""
         if self.word_embedding is not None:
-            tokens = news.title_tokens
-            if tokens is None:
+            if news.title_tokens is None:
                 raise ArtifactError("the news encoder reads title words (model.text_encoder=words) but the "
                                     "news inputs hold none")
-            tokens, mask = _trim_padding(tokens, tokens != 0)  # (B, T')
+            return news.title_tokens != 0
+        if news.text_states is None or news.text_mask is None:
+            raise ArtifactError("the news encoder reads PLM token states (model.text_encoder=plm) but "
+                                "the news inputs hold none")
+        return news.text_mask
+
+    def _title(self, news: NewsInputs) -> Tensor:
+        if self.word_embedding is not None:
+            tokens, mask = _trim_padding(news.title_tokens, self._text_mask(news))  # (B, T')
             if self.training and self.word_dropout > 0:
                 dropped = (torch.rand(tokens.shape, device=tokens.device) < self.word_dropout) & mask
                 tokens = tokens.masked_fill(dropped, UNK_WORD_ID)
             x = self.word_embedding(tokens)  # (B, T, E)
         else:
-            if news.text_states is None or news.text_mask is None:
-                raise ArtifactError("the news encoder reads PLM token states (model.text_encoder=plm) but "
-                                    "the news inputs hold none")
-            states, mask = _trim_padding(news.text_states, news.text_mask)  # (B, L', H), (B, L')
+            states, mask = _trim_padding(news.text_states, self._text_mask(news))  # (B, L', H), (B, L')
             dtype = self.pooling.proj.weight.dtype
             x = states.to(dtype)
             if self.plm_layers is not None:
@@ -161,19 +167,12 @@ class NewsEncoder(nn.Module):
 
     def forward(self, news: NewsInputs) -> Tensor:
         n = len(news)
-        lengths = self._text_lengths(news)
-        if n <= LENGTH_CHUNK or lengths is None:
+        if n <= LENGTH_CHUNK:
             return self._encode(news)
         # sorted by text length, each call's titles are about as long as its longest one
-        order = torch.argsort(lengths, stable=True)
+        order = torch.argsort(self._text_mask(news).sum(dim=1), stable=True)
         parts = [self._encode(news.select(rows)) for rows in order.tensor_split(-(-n // LENGTH_CHUNK))]
         return torch.cat(parts)[torch.argsort(order)]
-
-    def _text_lengths(self, news: NewsInputs) -> Tensor | None:
-        """Real words (or PLM tokens) per news ``[B]``; None when the inputs lack the text."""
-        if self.word_embedding is not None:
-            return None if news.title_tokens is None else (news.title_tokens != 0).sum(dim=1)
-        return None if news.text_mask is None else news.text_mask.sum(dim=1)
 
     def _encode(self, news: NewsInputs) -> Tensor:
         text = self._title(news)  # (B, D)
