@@ -51,6 +51,15 @@ class ModelConfig:
     layer_norm: bool = False  # authors found news recommendation better without it
     feed_forward: bool = False
     position_embeddings: bool = False  # for the user encoder over the history
+    # vectors per user: K > 1 pools the history K ways (MINER's poly attention), one vector per
+    # interest, and a candidate scores the best of its K dot products, so retrieval stays K
+    # inner-product searches merged by maximum (docs/decisions.md: why the maximum); 1 = one user
+    # vector, the published NRMS/Fastformer architecture
+    user_interests: int = 1
+    # with user_interests > 1: weight of the mean pairwise cosine of a user's interest vectors, added
+    # to the training loss per sample (MINER's disagreement regularisation), so that the K poolings
+    # do not stay the one near-uniform pooling they start as
+    interest_disagreement: float = 0.0
     use_category: bool = True  # add category/subcategory embeddings to the news vector
     pooling_hidden: int = 200  # additive-attention pooling hidden size
     dropout: float = 0.2
@@ -84,11 +93,16 @@ class ModelConfig:
         _choice(self, "encoder", ("fastformer", "mhsa"))
         _choice(self, "text_encoder", ("words", "plm"))
         _choice(self, "news_views", ("sum", "attention"))
-        _positive(self, "embedding_dim", "hidden_size", "num_heads", "num_layers", "pooling_hidden",
+        _positive(self, "embedding_dim", "hidden_size", "num_heads", "num_layers", "pooling_hidden", "user_interests",
                   "plm_max_len", "plm_batch_size", "max_entities", "entity_dim")
         _non_negative(self, "user_num_layers", "plm_finetune_layers", "title_match_dim")
         if not self.category_lift_smoothing > 0:
             raise ConfigError(f"model.category_lift_smoothing={self.category_lift_smoothing} must be > 0")
+        if self.interest_disagreement < 0:
+            raise ConfigError(f"model.interest_disagreement={self.interest_disagreement} must be >= 0")
+        if self.interest_disagreement and self.user_interests == 1:
+            raise ConfigError("model.interest_disagreement applies to model.user_interests > 1; "
+                              "set model.user_interests or unset it")
         if not 0.0 <= self.word_dropout < 1.0:
             raise ConfigError(f"model.word_dropout={self.word_dropout} must be in [0, 1)")
         if self.text_encoder == "plm":

@@ -57,6 +57,8 @@ def test_all_errors_reported_at_once():
     ("model.hidden_size=250", "divisible"),
     ("train.device=tpu", "expected one of"),
     ("model.dropout=1.5", "[0, 1)"),
+    ("model.user_interests=0", "must be > 0"),
+    ("model.interest_disagreement=0.5", "applies to model.user_interests > 1"),
 ])
 def test_bad_values(override, fragment):
     with pytest.raises(ConfigError) as err:

@@ -3,7 +3,9 @@
 A tiny generated data set whose behaviors hold histories longer than ``data.history_len``, news
 clicked twice within the kept clicks, and empty histories; a model saved without training (its
 scores depend on every kept click); a re-ranker around it with random weights (so that it moves
-the scores). The model carries every wide block (category lift, title match). Each entry point scores a handful of impressions: the ``evaluate`` library function,
+the scores). The model carries every wide block (category lift, title match), once with one user
+vector and once with three interest vectors per user (scored by their maximum, retrieved by three
+searches merged). Each entry point scores a handful of impressions: the ``evaluate`` library function,
 training's dev evaluation, ``submit`` (its ranks), ``score`` (its CLI output), the service
 (in-process, batched, over HTTP and the ``recommend`` CLI), the MLflow model loaded back with
 ``mlflow.pyfunc.load_model``, and two-stage scoring with the re-ranker. They must agree to 1e-5,
@@ -109,8 +111,8 @@ def _write_reranker(world_root: Path, config: Config, dataset: DatasetArtifact, 
                          mean_ctr=log.mean_ctr, log_end=log.end_seconds)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
+@pytest.fixture(scope="module", params=[1, 3], ids=["one-user-vector", "three-interests"])
+def world(tmp_path_factory, request) -> World:
     from newsrec.data.ingest import ingest
     from newsrec.data.synth import generate
     from newsrec.eval.evaluate import evaluate
@@ -121,7 +123,7 @@ def world(tmp_path_factory) -> World:
     generate(root / "raw", size="tiny", seed=0)
     for split in ("dev", "test"):
         _with_repeated_clicks(root / "raw" / f"MINDsynth_{split}.zip")
-    config = config_from_dict(CONFIG)
+    config = config_from_dict({**CONFIG, "model": {**CONFIG["model"], "user_interests": request.param}})
     ingest(config, train=root / "raw" / "MINDsynth_train.zip", dev=root / "raw" / "MINDsynth_dev.zip",
            test=root / "raw" / "MINDsynth_test.zip", out_dir=root / "data")
     dataset = open_dataset(root / "data")

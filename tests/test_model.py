@@ -224,10 +224,10 @@ def _outputs(model: NewsRecommender) -> tuple[torch.Tensor, torch.Tensor]:
         return news, model.encode_user(hist, mask)
 
 
-@pytest.mark.parametrize("encoder", ["fastformer", "mhsa"])
-def test_save_load_round_trip(tmp_path: Path, encoder: str) -> None:
+@pytest.mark.parametrize("encoder,interests", [("fastformer", 1), ("mhsa", 1), ("fastformer", 4)])
+def test_save_load_round_trip(tmp_path: Path, encoder: str, interests: int) -> None:
     dataset = _write_dataset(tmp_path / "data")
-    config = _config(encoder=encoder)
+    config = _config(encoder=encoder, user_interests=interests)
     torch.manual_seed(0)
     model = build_model(config, dataset).eval()
     np.testing.assert_array_equal(model.news_encoder.word_embedding.weight.detach().numpy()[2:],
@@ -245,6 +245,7 @@ def test_save_load_round_trip(tmp_path: Path, encoder: str) -> None:
     assert (tmp_path / "model" / "checkpoint.keep").read_text() == "untouched"
     for a, b in zip(_outputs(model), _outputs(loaded.model)):
         assert torch.equal(a, b)
+    assert _outputs(loaded.model)[1].shape == (4, model.news_dim + (interests - 1) * HIDDEN)
     check_compatible(loaded.manifest, dataset)
 
 
@@ -525,3 +526,58 @@ def test_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales() 
     assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
     with pytest.raises(ValueError):
         Dropout(1.0)
+
+
+@pytest.mark.parametrize("encoder", ["fastformer", "mhsa"])
+def test_interest_vectors_are_poly_attention_and_score_by_their_maximum(encoder: str) -> None:
+    from newsrec.models.attention import AdditivePooling
+
+    k = 3
+    model = _model(encoder=encoder, user_interests=k, category_lift=True)
+    one = _model(encoder=encoder, category_lift=True)
+    assert one.user_dim == one.news_dim and model.news_dim == one.news_dim
+    assert model.user_dim == model.news_dim + (k - 1) * HIDDEN
+    with torch.no_grad():  # weights far from the near-uniform attention of initialisation
+        for p in model.parameters():
+            p.mul_(20.0)
+        model.user_encoder.empty_history.normal_()
+        model.category_lift.weight.fill_(0.7)
+    titles = _titles()
+    cat, sub = torch.tensor([0, 1, 2, 3, 1]), torch.tensor([0, 5, 4, 3, 1])
+    news = model.encode_news(titles, cat, sub)  # (5, D)
+    history = news[torch.tensor([[1, 2, 3, 0, 0, 0], [4, 4, 1, 2, 3, 0], [0, 0, 0, 0, 0, 0]])]
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    users = model.encode_user(history, mask)  # (3, U)
+    assert users.shape == (3, model.user_dim)
+    # each interest is a one-query additive pooling over the same layer outputs, with its own query
+    pooled = model.user_encoder.pooling
+    contextual = model.user_encoder.stack(history[..., :HIDDEN], mask)
+    for i in range(k):
+        single = AdditivePooling(HIDDEN, 5)
+        single.proj.load_state_dict(pooled.proj.state_dict())
+        single.score.weight.data = pooled.score.weight.data[i:i + 1].clone()
+        single.score.bias.data = pooled.score.bias.data[i:i + 1].clone()
+        expect = single(contextual, mask)
+        torch.testing.assert_close(users[:2, i * HIDDEN:(i + 1) * HIDDEN], expect[:2])
+        torch.testing.assert_close(users[2, i * HIDDEN:(i + 1) * HIDDEN], model.user_encoder.empty_history)
+    # the interests differ, and the wide blocks follow the K deep parts once
+    assert not torch.allclose(users[0, :HIDDEN], users[0, HIDDEN:2 * HIDDEN])
+    wide = model.category_lift.user_block(history[..., HIDDEN:], mask)
+    torch.testing.assert_close(users[:, k * HIDDEN:], wide)
+    # score = the best of the K plain dot products; score_pool = score of every pair
+    scores = model.score(users, news.unsqueeze(0).expand(3, -1, -1))  # (3, 5)
+    for b in range(3):
+        for c in range(5):
+            dots = [float(torch.dot(torch.cat([users[b, i * HIDDEN:(i + 1) * HIDDEN], users[b, k * HIDDEN:]]),
+                                    news[c])) for i in range(k)]
+            assert float(scores[b, c]) == pytest.approx(max(dots), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(model.score_pool(users, news), scores)
+    # the disagreement penalty: the mean cosine of two distinct interests (1 for the empty history)
+    interests = [torch.nn.functional.normalize(users[:, i * HIDDEN:(i + 1) * HIDDEN], dim=-1) for i in range(k)]
+    pairs = [(interests[i] * interests[j]).sum(-1) for i in range(k) for j in range(k) if i != j]
+    torch.testing.assert_close(model.interest_overlap(users), torch.stack(pairs).mean(0))
+    assert float(model.interest_overlap(users)[2]) == pytest.approx(1.0)
+    assert not one.interest_overlap(users[:, :one.user_dim]).any()
+    torch.testing.assert_close(one.score_pool(users[:, :one.user_dim], news),
+                               one.score(users[:, :one.user_dim], news.unsqueeze(0).expand(3, -1, -1)))
+

@@ -144,3 +144,47 @@ def test_pool_split_and_cli(artifact, model_dir, tmp_path):
     bad = CliRunner().invoke(main, ["score", "--model", str(model_dir), "--data", str(artifact.root),
                                     "--out", str(tmp_path / "x")])
     assert bad.exit_code == 1 and "--top-k K" in bad.output
+
+
+def test_merge_by_maximum_keeps_each_key_once_at_its_best_score():
+    from newsrec.inference.scoring import merge_by_maximum
+
+    rng = np.random.default_rng(2)
+    keys = rng.integers(-1, 9, size=(50, 12))
+    scores = rng.normal(size=(50, 12)).astype(np.float32)
+    for k in (1, 4, 12, 15):
+        got_keys, got_scores = merge_by_maximum(keys, scores, k)
+        assert got_keys.shape == got_scores.shape == (50, k)
+        for b in range(50):
+            best: dict[int, float] = {}
+            for key, s in zip(keys[b], scores[b]):
+                if key >= 0 and s > best.get(int(key), -np.inf):
+                    best[int(key)] = float(s)
+            want = sorted(best.items(), key=lambda t: -t[1])[:k]
+            n = len(want)
+            assert list(got_keys[b, :n]) == [key for key, _ in want]
+            np.testing.assert_allclose(got_scores[b, :n], [s for _, s in want])
+            assert (got_keys[b, n:] == -1).all() and np.isneginf(got_scores[b, n:]).all()
+
+
+def test_retrieve_with_interest_vectors_equals_brute_force_maximum():
+    from newsrec.config import ModelConfig
+    from newsrec.inference.scoring import retrieve
+    from newsrec.models.recommender import NewsRecommender
+
+    torch.manual_seed(0)
+    model = NewsRecommender(ModelConfig(embedding_dim=8, hidden_size=8, num_heads=2, pooling_hidden=4,
+                                        user_interests=3), vocab_size=20, n_categories=3, n_subcategories=4).eval()
+    rng = np.random.default_rng(3)
+    vectors = torch.from_numpy(rng.normal(size=(40, model.news_dim)).astype(np.float32))
+    vectors[0] = 0
+    pool = np.arange(1, 40)
+    users = torch.from_numpy(rng.normal(size=(6, model.user_dim)).astype(np.float32))
+    exclude = [set(rng.choice(pool, 4, replace=False).tolist()) for _ in range(6)]
+    keys, scores = retrieve(model, ExactRetriever(vectors, pool), users, 7, exclude=exclude)
+    brute = model.score_pool(users, vectors).numpy()
+    for b in range(6):
+        allowed = [(float(brute[b, j]), int(j)) for j in pool if j not in exclude[b]]
+        want = sorted(allowed, key=lambda t: -t[0])[:7]
+        assert list(keys[b]) == [j for _, j in want]
+        np.testing.assert_allclose(scores[b], [s for s, _ in want], rtol=1e-5)

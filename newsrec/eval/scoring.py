@@ -34,7 +34,7 @@ from newsrec.data.artifact import DatasetArtifact, Impressions
 from newsrec.errors import NewsrecError
 from newsrec.eval.evaluate import InferenceInputs, load_for_inference
 from newsrec.inference.histories import Histories
-from newsrec.inference.scoring import encode_all_news, encode_users, score_impressions
+from newsrec.inference.scoring import encode_all_news, encode_users, retrieve, score_impressions
 from newsrec.utils.io import atomic_path, read_json, sha256_file, write_json
 from newsrec.utils.progress import progress
 
@@ -335,8 +335,7 @@ class _TopKJob:
         user_vectors = encode_users(self.inputs.model, self.news_vectors, self.users.histories.recent(None, rows),
                                     history_len=self.inputs.history_len, batch_size=self.inputs.batch_size)
         exclude = [set(self.users.full(int(r)).tolist()) for r in rows] if self.exclude_history else None
-        found = self.retriever.search(user_vectors.cpu().numpy(), self.k, exclude=exclude)
-        keys, scores = np.asarray(found.keys), np.asarray(found.scores, dtype=np.float32)
+        keys, scores = retrieve(self.inputs.model, self.retriever, user_vectors, self.k, exclude=exclude)
         valid = keys >= 0
         counts = valid.sum(axis=1)
         list_offsets = np.zeros(len(rows) + 1, dtype=np.int64)

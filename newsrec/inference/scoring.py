@@ -6,13 +6,14 @@ histories (``newsrec.inference.histories``), score candidates by ``model.score``
 turns histories into user vectors over any table of news vectors; ``score_candidates`` scores
 (user, candidate) pairs. ``score_histories`` puts them together for histories with candidate lists
 (the MLflow model), ``score_impressions`` for a split's impressions (training's dev evaluation,
-``evaluate``, ``submit``, ``score``, the re-ranker's first stage). ``score_impressions_slow`` runs
-the full model per impression and is the reference the fast path is checked against.
+``evaluate``, ``submit``, ``score``, the re-ranker's first stage). ``retrieve`` finds each user's
+top news in a retriever (a FAISS index, exact search). ``score_impressions_slow`` runs the full
+model per impression and is the reference the fast path is checked against.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -84,14 +85,14 @@ def encode_all_news(model: nn.Module, dataset: DatasetArtifact, *, batch_size: i
 
 def encode_users(model: nn.Module, news_vectors: Tensor, histories: Histories, *, history_len: int | None,
                  batch_size: int = 1024, show_progress: bool = False) -> Tensor:
-    """User vectors float32 [n, D] (on ``news_vectors``' device) of ``histories``, whose values
-    index ``news_vectors`` [V, D] (row 0 = the padding news). Each reads its most recent
+    """User vectors float32 [n, U] (on ``news_vectors``' device; ``U = model.user_dim``) of
+    ``histories``, whose values index ``news_vectors`` [V, D] (row 0 = the padding news). Each reads its most recent
     ``history_len`` clicks (``Histories.padded``). Histories are grouped by length so that each
     batch pads little; padding changes no user vector."""
     device = news_vectors.device
     lengths = np.minimum(histories.lengths, history_len) if history_len is not None else histories.lengths
     n = len(histories)
-    users = torch.zeros(n, news_vectors.shape[1], dtype=torch.float32, device=device)
+    users = torch.zeros(n, getattr(model, "user_dim", news_vectors.shape[1]), dtype=torch.float32, device=device)
     order = np.argsort(lengths, kind="stable")
     with inference_mode(model):
         for b in progress(range(0, n, batch_size), desc="encode users", unit="batch",
@@ -123,6 +124,62 @@ def score_candidates(model: nn.Module, user_vectors: Tensor, news_vectors: Tenso
     return out
 
 
+def score_pool(model: nn.Module | None, user_vectors: Tensor, news_vectors: Tensor) -> Tensor:
+    """Scores ``[B, P]`` of users ``[B, U]`` against every news of ``news_vectors [P, D]``: the plain
+    dot product for a model with one user vector, else ``model.score_pool`` (the best interest)."""
+    if getattr(model, "interests", 1) == 1:
+        return user_vectors @ news_vectors.T
+    return model.score_pool(user_vectors, news_vectors)
+
+
+def retrieve(model: nn.Module, retriever: Any, user_vectors: Tensor | np.ndarray, k: int, *,
+             exclude: list[Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's top ``k`` news by ``model.score`` from ``retriever`` (``search(queries [B, D], k,
+    exclude=)`` → ``.keys``/``.scores`` [B, k], best first, key −1 and score −inf past the end):
+    keys int64 [n, k] and scores float32 [n, k] for user vectors [n, U]; ``exclude``: per user, keys
+    never returned. With K interests each interest's vector searches on its own and the lists are
+    merged by maximum: the top ``k`` of the maximum over interests lie in the union of the
+    interests' top ``k`` lists, so with an exact retriever the merge is exact too."""
+    users = user_vectors if isinstance(user_vectors, Tensor) else torch.from_numpy(np.asarray(user_vectors))
+    interests = getattr(model, "interests", 1)
+    if interests == 1:
+        found = retriever.search(users.float().cpu().numpy(), k, exclude=exclude)
+        return np.asarray(found.keys, dtype=np.int64), np.asarray(found.scores, dtype=np.float32)
+    n = users.shape[0]
+    with torch.inference_mode():
+        queries = model.interest_queries(users.float()).reshape(n * interests, -1).cpu().numpy()
+    found = retriever.search(queries, k, exclude=None if exclude is None else
+                             [e for e in exclude for _ in range(interests)])
+    return merge_by_maximum(np.asarray(found.keys, dtype=np.int64).reshape(n, -1),
+                            np.asarray(found.scores, dtype=np.float32).reshape(n, -1), k)
+
+
+def merge_by_maximum(keys: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of (key, score) lists [n, m] (key −1 = none) → each row's ``k`` best distinct keys by
+    their largest score, best first (ties: the earlier entry), padded with −1 / −inf."""
+    n, m = keys.shape
+    scores = np.where(keys >= 0, scores, -np.inf).astype(np.float32)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    keys, scores = np.take_along_axis(keys, order, 1), np.take_along_axis(scores, order, 1)
+    # a key's later entries in its row (lower scores) are duplicates
+    rows = np.repeat(np.arange(n), m)
+    by_key = np.lexsort((np.tile(np.arange(m), n), keys.ravel(), rows))
+    flat_keys = keys.ravel()[by_key]
+    repeat = np.zeros(n * m, dtype=bool)
+    repeat[1:] = (flat_keys[1:] == flat_keys[:-1]) & (rows[by_key][1:] == rows[by_key][:-1])
+    drop = np.zeros(n * m, dtype=bool)
+    drop[by_key] = repeat
+    drop = drop.reshape(n, m) | (keys < 0)
+    keep = np.argsort(drop, axis=1, kind="stable")[:, :k]  # kept entries first, in score order
+    out_keys = np.where(np.take_along_axis(drop, keep, 1), -1, np.take_along_axis(keys, keep, 1))
+    out_scores = np.where(out_keys >= 0, np.take_along_axis(scores, keep, 1), -np.inf).astype(np.float32)
+    if out_keys.shape[1] < k:
+        pad = k - out_keys.shape[1]
+        out_keys = np.pad(out_keys, ((0, 0), (0, pad)), constant_values=-1)
+        out_scores = np.pad(out_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return out_keys, out_scores
+
+
 def score_histories(model: nn.Module, news_vectors: Tensor, histories: Histories, candidates: np.ndarray,
                     candidate_counts: np.ndarray, *, history_len: int | None, batch_size: int = 1024,
                     show_progress: bool = False) -> np.ndarray:
@@ -138,7 +195,7 @@ def score_histories(model: nn.Module, news_vectors: Tensor, histories: Histories
 
 def encode_impression_users(model: nn.Module, news_vectors: Tensor, impressions: Impressions, *,
                             history_len: int, batch_size: int = 1024, show_progress: bool = False) -> Tensor:
-    """User vectors float32 [n_impressions, D], one per impression (distinct histories encoded once)."""
+    """User vectors float32 [n_impressions, U], one per impression (distinct histories encoded once)."""
     distinct, of_row = Histories.of_impressions(impressions).distinct(history_len)
     users = encode_users(model, news_vectors, distinct, history_len=None, batch_size=batch_size,
                          show_progress=show_progress)
@@ -183,6 +240,6 @@ def score_impressions_slow(model: nn.Module, dataset: DatasetArtifact, impressio
             if len(history):
                 history_vectors[:len(history)] = model.encode_news(
                     NewsInputs.from_arrays(features.gather(history), device))
-            user = model.encode_user(history_vectors.unsqueeze(0), torch.from_numpy(mask).to(device))  # (1, D)
+            user = model.encode_user(history_vectors.unsqueeze(0), torch.from_numpy(mask).to(device))  # (1, U)
             out.append(model.score(user, candidate_vectors.unsqueeze(0))[0].float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

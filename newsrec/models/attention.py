@@ -50,20 +50,23 @@ class Dropout(nn.Module):
 class AdditivePooling(nn.Module):
     """Additive-attention pooling ``a = softmax(w2ᵀ tanh(W1 x))`` over positions, padding masked.
 
-    ``x [B, N, D]``, ``mask [B, N]`` → ``[B, D]``. A row without any real position pools to zeros.
-    Cost is linear in N.
+    ``x [B, N, D]``, ``mask [B, N]`` → ``[B, D]``. With ``n_queries = K > 1``, K learned query
+    vectors ``w2`` each pool the positions their own way (poly attention, as MINER's user encoder):
+    → ``[B, K, D]``. A row without any real position pools to zeros. Cost is linear in N.
     """
 
-    def __init__(self, hidden_size: int, pooling_hidden: int) -> None:
+    def __init__(self, hidden_size: int, pooling_hidden: int, *, n_queries: int = 1) -> None:
         super().__init__()
+        self.n_queries = n_queries
         self.proj = nn.Linear(hidden_size, pooling_hidden)
-        self.score = nn.Linear(pooling_hidden, 1)
+        self.score = nn.Linear(pooling_hidden, n_queries)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        scores = self.score(torch.tanh(self.proj(x)))  # (B, N, 1)
-        weights = masked_softmax(scores, mask, dim=1)  # (B, N, 1)
+        scores = self.score(torch.tanh(self.proj(x)))  # (B, N, K)
+        weights = masked_softmax(scores, mask, dim=1)  # (B, N, K)
         weights = weights * mask.unsqueeze(-1).to(weights.dtype)  # all-padding rows -> 0
-        return torch.bmm(weights.transpose(1, 2).to(x.dtype), x).squeeze(1)  # (B, D)
+        pooled = torch.bmm(weights.transpose(1, 2).to(x.dtype), x)  # (B, K, D)
+        return pooled.squeeze(1) if self.n_queries == 1 else pooled
 
 
 class MultiHeadSelfAttention(nn.Module):

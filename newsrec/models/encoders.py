@@ -11,8 +11,8 @@ gains learned user–category and user–entity affinity terms); ``news_views=at
 per news by additive attention (NAML's view attention; a news without entities leaves that view out).
 
 User encoder: clicked-news vectors ``[B, N, D]`` (oldest → newest, right-padded) → optional recency
-position embeddings → layer stack → pooling ``[B, D]``; a user without any click gets a learned
-"empty history" vector.
+position embeddings → layer stack → pooling ``[B, D]`` (``user_interests = K > 1``: K poolings, one
+vector per interest, ``[B, K, D]``); a user without any click gets a learned "empty history" vector.
 """
 from __future__ import annotations
 
@@ -197,7 +197,8 @@ class NewsEncoder(nn.Module):
 
 
 class UserEncoder(nn.Module):
-    """``history_vectors [B, N, D]``, ``history_mask [B, N]`` (True = click, right-padded) → ``[B, D]``.
+    """``history_vectors [B, N, D]``, ``history_mask [B, N]`` (True = click, right-padded) → ``[B, D]``
+    (``[B, K, D]`` with ``user_interests = K > 1``).
 
     With ``position_embeddings`` each click gets an embedding of its recency (0 = most recent),
     clamped at ``max_history - 1`` for longer histories.
@@ -211,7 +212,7 @@ class UserEncoder(nn.Module):
         self.position_embedding = (nn.Embedding(max_history, cfg.hidden_size)
                                    if cfg.position_embeddings else None)
         self.stack = _stack(cfg, in_dim=cfg.hidden_size, num_layers=num_layers)
-        self.pooling = AdditivePooling(cfg.hidden_size, cfg.pooling_hidden)
+        self.pooling = AdditivePooling(cfg.hidden_size, cfg.pooling_hidden, n_queries=cfg.user_interests)
         self.empty_history = nn.Parameter(torch.zeros(cfg.hidden_size))
 
     def forward(self, history_vectors: Tensor, history_mask: Tensor) -> Tensor:
@@ -223,6 +224,6 @@ class UserEncoder(nn.Module):
             recency = recency.clamp(0, self.max_history - 1)
             x = x + self.position_embedding(recency)
         x = self.dropout(x)
-        user = self.pooling(self.stack(x, history_mask), history_mask)  # (B, D)
-        has_click = history_mask.any(dim=1, keepdim=True)  # (B, 1)
+        user = self.pooling(self.stack(x, history_mask), history_mask)  # (B, D) or (B, K, D)
+        has_click = history_mask.any(dim=1).view((-1,) + (1,) * (user.dim() - 1))  # (B, 1) or (B, 1, 1)
         return torch.where(has_click, user, self.empty_history.to(user.dtype))

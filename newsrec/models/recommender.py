@@ -148,7 +148,9 @@ def _base_buffer(values: np.ndarray | None, n: int) -> Tensor:
 
 
 class NewsRecommender(nn.Module):
-    """``encode_news`` → ``[B, D]``, ``encode_user`` → ``[B, D]``, ``score`` → ``[B, C]``; ``D = news_dim``.
+    """``encode_news`` → ``[B, D]``, ``encode_user`` → ``[B, U]``, ``score`` → ``[B, C]``; ``D = news_dim``,
+    ``U = user_dim`` (= D with one user vector; with ``user_interests = K``, K deep parts and one
+    copy of the wide parts: ``interest_queries`` unfolds it into K vectors of width D).
 
     ``model.encoder`` picks the token-mixing layer of both encoders (Fastformer or the MHSA
     baseline); everything else is the same code path. Weights are initialised N(0, init_std),
@@ -169,6 +171,8 @@ class NewsRecommender(nn.Module):
         self.title_match = (TitleMatch(vocab_size, cfg.title_match_dim, word_vectors=title_match_vectors)
                             if cfg.title_match_dim else None)
         self.news_dim = cfg.hidden_size + sum(block.width for block in self._wide_blocks())
+        self.interests = cfg.user_interests
+        self.user_dim = self.news_dim + (self.interests - 1) * self.deep_dim
         self.plm_dim = plm_dim
         self.plm_fingerprint: str | None = None  # identity of the PLM whose states it reads (set by io)
         if entity_vectors is not None:
@@ -236,26 +240,54 @@ class NewsRecommender(nn.Module):
 
     def encode_user(self, history_vectors: Tensor, history_mask: Tensor) -> Tensor:
         """``history_vectors [B, N, D]`` (clicks oldest → newest, padding at the end),
-        ``history_mask [B, N]`` bool (True = click) → user vectors ``[B, D]``. A row without
+        ``history_mask [B, N]`` bool (True = click) → user vectors ``[B, U]``: the deep part (K of
+        them, one after the other, with ``user_interests = K``), then the wide blocks. A row without
         clicks gives the learned empty-history vector (and a zero category-lift block)."""
-        if self.news_dim == self.deep_dim:
-            return self.user_encoder(history_vectors, history_mask)
-        deep = self.user_encoder(history_vectors[..., :self.deep_dim], history_mask)
-        parts = [deep]
+        deep = self.user_encoder(history_vectors[..., :self.deep_dim], history_mask)  # (B, d) or (B, K, d)
+        parts = [deep.flatten(1)]
         start = self.deep_dim
         for block in self._wide_blocks():
             wide = block.user_block(history_vectors[..., start:start + block.width].float(), history_mask)
             parts.append(wide.to(deep.dtype))
             start += block.width
-        return torch.cat(parts, dim=-1)
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def _wide_blocks(self) -> list[nn.Module]:
         """The wide parts present, in the order their blocks follow the deep part of a vector."""
         return [block for block in (self.category_lift, self.title_match) if block is not None]
 
+    def interest_queries(self, user_vectors: Tensor) -> Tensor:
+        """User vectors ``[B, U]`` → ``[B, K, D]``: interest k's deep part with the user's wide
+        blocks, so that ``score`` = the maximum over k of a plain dot product with a news vector."""
+        b, k, d = user_vectors.shape[0], self.interests, self.deep_dim
+        deep = user_vectors[:, :k * d].view(b, k, d)
+        wide = user_vectors[:, None, k * d:].expand(b, k, self.news_dim - d)
+        return torch.cat([deep, wide], dim=-1)
+
+    def interest_overlap(self, user_vectors: Tensor) -> Tensor:
+        """``[B]``: the mean cosine between two distinct interest vectors (deep parts) of each user
+        (0 with one interest)."""
+        k = self.interests
+        if k == 1:
+            return user_vectors.new_zeros(user_vectors.shape[0])
+        deep = nn.functional.normalize(user_vectors[:, :k * self.deep_dim].view(-1, k, self.deep_dim), dim=-1)
+        cosines = deep @ deep.transpose(1, 2)  # (B, K, K), ones on the diagonal
+        return (cosines.sum(dim=(1, 2)) - k) / (k * (k - 1))
+
     def score(self, user_vectors: Tensor, candidate_vectors: Tensor) -> Tensor:
-        """``user_vectors [B, D]``, ``candidate_vectors [B, C, D]`` → click scores ``[B, C]`` (dot products)."""
-        return torch.bmm(candidate_vectors, user_vectors.unsqueeze(-1)).squeeze(-1)
+        """``user_vectors [B, U]``, ``candidate_vectors [B, C, D]`` → click scores ``[B, C]``: the dot
+        product (with K interests, the largest of the K dot products)."""
+        if self.interests == 1:
+            return torch.bmm(candidate_vectors, user_vectors.unsqueeze(-1)).squeeze(-1)
+        queries = self.interest_queries(user_vectors)  # (B, K, D)
+        return torch.bmm(candidate_vectors, queries.transpose(1, 2)).amax(dim=-1)
+
+    def score_pool(self, user_vectors: Tensor, news_vectors: Tensor) -> Tensor:
+        """``user_vectors [B, U]`` against every row of ``news_vectors [P, D]`` → scores ``[B, P]``,
+        each equal to ``score`` of that (user, news) pair."""
+        if self.interests == 1:
+            return user_vectors @ news_vectors.T
+        return (self.interest_queries(user_vectors) @ news_vectors.T).amax(dim=1)
 
     def n_params(self, *, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -27,7 +27,7 @@ from newsrec.data.artifact import DatasetArtifact, open_dataset
 from newsrec.data.features import NewsFeatures, news_features
 from newsrec.errors import ArtifactError, NewsrecError
 from newsrec.inference.histories import Histories, recent_clicks
-from newsrec.inference.scoring import encode_all_news, encode_news, encode_users
+from newsrec.inference.scoring import encode_all_news, encode_news, encode_users, retrieve
 from newsrec.serve.batching import MicroBatcher
 from newsrec.serve.clock import ServiceClock
 from newsrec.serve.index import NewsIndex, build_index, load_index
@@ -281,12 +281,12 @@ class Recommender:
 
     # ------------------------------------------------------------------ recommending
     def encode_history(self, history_keys: np.ndarray) -> np.ndarray:
-        """Clicked keys (oldest first) → user vector float32 [D]; the most recent
+        """Clicked keys (oldest first) → user vector float32 [U] (``model.user_dim``); the most recent
         ``data.history_len`` clicks are used; an empty history is valid."""
         return self.encode_histories([history_keys])[0]
 
     def encode_histories(self, histories: list[np.ndarray]) -> np.ndarray:
-        """``encode_history`` for several users in one encoder call → float32 [B, D]: the
+        """``encode_history`` for several users in one encoder call → float32 [B, U]: the
         inference layer's ``encode_users`` over the index's vectors of the clicked keys."""
         recent = Histories.of_lists(histories).recent(self.history_len)
         keys, local = np.unique(recent.values, return_inverse=True)
@@ -372,13 +372,13 @@ class Recommender:
         t0 = time.perf_counter()
         users = self.encode_histories([job.history for job in jobs])
         t1 = time.perf_counter()
-        found = self.index.search(users, max(job.retrieve_k for job in jobs),
-                                  exclude=[job.exclude for job in jobs])
+        found_keys, found_scores = retrieve(self.model, self.index, users, max(job.retrieve_k for job in jobs),
+                                            exclude=[job.exclude for job in jobs])
         keys, firsts = [], []
         for b, job in enumerate(jobs):
-            valid = found.keys[b] >= 0
-            keys.append(found.keys[b][valid][:job.retrieve_k])
-            firsts.append(found.scores[b][valid][:job.retrieve_k])
+            valid = found_keys[b] >= 0
+            keys.append(found_keys[b][valid][:job.retrieve_k])
+            firsts.append(found_scores[b][valid][:job.retrieve_k])
         t2 = time.perf_counter()
         reranked = self.reranker is not None and any(len(c) for c in keys)
         now = self.clock.now()

@@ -149,15 +149,18 @@ def _iso(value: np.datetime64) -> str:
 
 
 class NRMSObjective(nn.Module):
-    """The training wrapper around a ``NewsRecommender``: a batch → summed softmax cross-entropy.
+    """The training wrapper around a ``NewsRecommender``: a batch → summed softmax cross-entropy,
+    plus ``interest_disagreement`` × each sample's ``model.interest_overlap`` when that is > 0.
 
-    The model is called only through ``encode_news``/``encode_user``/``score``; this wrapper is what
-    DistributedDataParallel wraps, so gradient synchronisation sees one ``forward`` per step.
+    The model is called only through ``encode_news``/``encode_user``/``score`` (and
+    ``interest_overlap``); this wrapper is what DistributedDataParallel wraps, so gradient
+    synchronisation sees one ``forward`` per step.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, interest_disagreement: float = 0.0) -> None:
         super().__init__()
         self.model = model
+        self.interest_disagreement = interest_disagreement
 
     def forward(self, news: NewsInputs, history_slots: Tensor | None, history_mask: Tensor,
                 candidate_slots: Tensor, candidate_mask: Tensor, history_vectors: Tensor | None = None,
@@ -175,11 +178,13 @@ class NRMSObjective(nn.Module):
         elif fresh_slots is not None:
             fresh = table[fresh_slots]
             history_vectors = torch.where((fresh_slots > 0).unsqueeze(-1), fresh, history_vectors.to(fresh.dtype))
-        user_vectors = self.model.encode_user(history_vectors, history_mask)  # [B, D]
+        user_vectors = self.model.encode_user(history_vectors, history_mask)  # [B, U]
         logits = self.model.score(user_vectors, table[candidate_slots]).float()  # [B, C]
         logits = logits.masked_fill(~candidate_mask, float("-inf"))
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         loss = F.cross_entropy(logits, target, reduction="sum")
+        if self.interest_disagreement:
+            loss = loss + self.interest_disagreement * self.model.interest_overlap(user_vectors.float()).sum()
         return (loss, table) if fresh_slots is not None else loss
 
 
@@ -321,7 +326,8 @@ def _fit(config: Config, ctx: distributed.DistContext, *, data_dir: Path, out_di
     from newsrec.inference.model_io import build_model, save_model
 
     model = build_model(config, dataset, features).to(ctx.device)
-    objective = distributed.wrap_model(NRMSObjective(model), ctx)
+    objective = distributed.wrap_model(
+        NRMSObjective(model, interest_disagreement=config.model.interest_disagreement), ctx)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, warmup_steps=tc.warmup_steps, total_steps=total_steps))

@@ -61,7 +61,7 @@ from newsrec.inference.features import (FEATURE_NAMES, EventLog, LogCounts, news
                                         right_padded)
 from newsrec.inference.histories import padded_histories
 from newsrec.inference.rerank import LoadedReranker, save_reranker
-from newsrec.inference.scoring import (encode_all_news, encode_impression_users, score_candidates,
+from newsrec.inference.scoring import (encode_all_news, encode_impression_users, score_candidates, score_pool,
                                        score_impressions)
 from newsrec.models.reranker import Reranker
 from newsrec.train.distributed import resolve_device
@@ -118,8 +118,8 @@ def retrieve_top(model: Any, user_vectors: torch.Tensor, news_vectors: torch.Ten
     top_scores = np.full((len(impressions), k), -np.inf, dtype=np.float32)
     for start in progress(range(0, len(impressions), batch_size), desc=desc, unit="batch"):
         rows = np.arange(start, min(start + batch_size, len(impressions)))
-        users = user_vectors[torch.from_numpy(rows)]  # (b, D)
-        scores = (users @ news_vectors.T).float()  # (b, n): the first stage's score is a dot product
+        users = user_vectors[torch.from_numpy(rows)]  # (b, U)
+        scores = score_pool(model, users, news_vectors).float()  # (b, n): the first stage's score of each news
         allowed = torch.from_numpy(available_mask(first_seen, first_seen_known, now[rows]))
         hist, hmask = padded_histories(impressions, rows, history_len=None)  # every click: never retrieved
         allowed.scatter_(1, torch.from_numpy(np.where(hmask, hist, 0)), False)
