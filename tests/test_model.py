@@ -529,6 +529,7 @@ def test_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales() 
 
 
 @pytest.mark.parametrize("encoder", ["fastformer", "mhsa"])
+@torch.no_grad()
 def test_interest_vectors_are_poly_attention_and_score_by_their_maximum(encoder: str) -> None:
     from newsrec.models.attention import AdditivePooling
 
