@@ -125,11 +125,11 @@ def score_candidates(model: nn.Module, user_vectors: Tensor, news_vectors: Tenso
 
 
 def score_pool(model: nn.Module | None, user_vectors: Tensor, news_vectors: Tensor) -> Tensor:
-    """Scores ``[B, P]`` of users ``[B, U]`` against every news of ``news_vectors [P, D]``: the plain
-    dot product for a model with one user vector, else ``model.score_pool`` (the best interest)."""
-    if getattr(model, "interests", 1) == 1:
-        return user_vectors @ news_vectors.T
-    return model.score_pool(user_vectors, news_vectors)
+    """Scores ``[B, P]`` of users ``[B, U]`` against every news of ``news_vectors [P, D]``:
+    ``model.score_pool`` (the best interest's dot product), or the plain dot product for a model
+    without one."""
+    pool = getattr(model, "score_pool", None)
+    return user_vectors @ news_vectors.T if pool is None else pool(user_vectors, news_vectors)
 
 
 def retrieve(model: nn.Module, retriever: Any, user_vectors: Tensor | np.ndarray, k: int, *,
