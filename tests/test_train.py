@@ -138,6 +138,25 @@ def test_objective_masks_padding_candidates_and_matches_manual_softmax():
         expected += -(logits[0] - torch.logsumexp(logits, 0))
     assert torch.allclose(loss, expected)
 
+    class TwoInterests(DotModel):  # the user's interests: its click sum and its last click
+        def encode_user(self, vectors, mask):
+            last = vectors[torch.arange(len(vectors)), mask.sum(1) - 1]
+            return torch.cat([super().encode_user(vectors, mask), last], dim=-1)
+
+        def score(self, users, candidates):
+            return torch.maximum(super().score(users[:, :3], candidates), super().score(users[:, 3:], candidates))
+
+        def interest_overlap(self, users):
+            return torch.nn.functional.cosine_similarity(users[:, :3], users[:, 3:], dim=-1)
+
+    model = TwoInterests()
+    args = (news, history_slots, history_mask, candidate_slots, candidate_mask)
+    plain = NRMSObjective(model)(*args)
+    penalised = NRMSObjective(model, interest_disagreement=0.3)(*args)
+    users = model.encode_user(table[history_slots], history_mask)
+    assert float(model.interest_overlap(users).abs().sum()) > 0.1
+    assert torch.allclose(penalised, plain + 0.3 * model.interest_overlap(users).sum())
+
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
     values = [lr_multiplier(s, warmup_steps=4, total_steps=12) for s in range(13)]
