@@ -161,18 +161,15 @@ def merge_by_maximum(keys: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.n
     scores = np.where(keys >= 0, scores, -np.inf).astype(np.float32)
     order = np.argsort(-scores, axis=1, kind="stable")
     keys, scores = np.take_along_axis(keys, order, 1), np.take_along_axis(scores, order, 1)
-    # a key's later entries in its row (lower scores) are duplicates
-    rows = np.repeat(np.arange(n), m)
-    by_key = np.lexsort((np.tile(np.arange(m), n), keys.ravel(), rows))
-    flat_keys = keys.ravel()[by_key]
-    repeat = np.zeros(n * m, dtype=bool)
-    repeat[1:] = (flat_keys[1:] == flat_keys[:-1]) & (rows[by_key][1:] == rows[by_key][:-1])
-    drop = np.zeros(n * m, dtype=bool)
-    drop[by_key] = repeat
-    drop = drop.reshape(n, m) | (keys < 0)
+    # in score order, a (row, key) pair's first entry is its largest score; later ones are dropped
+    pairs = np.arange(n)[:, None] * (int(keys.max(initial=0)) + 2) + keys + 1
+    first = np.zeros(n * m, dtype=bool)
+    first[np.unique(pairs.ravel(), return_index=True)[1]] = True
+    drop = ~first.reshape(n, m) | (keys < 0)
     keep = np.argsort(drop, axis=1, kind="stable")[:, :k]  # kept entries first, in score order
-    out_keys = np.where(np.take_along_axis(drop, keep, 1), -1, np.take_along_axis(keys, keep, 1))
-    out_scores = np.where(out_keys >= 0, np.take_along_axis(scores, keep, 1), -np.inf).astype(np.float32)
+    dropped = np.take_along_axis(drop, keep, 1)
+    out_keys = np.where(dropped, -1, np.take_along_axis(keys, keep, 1))
+    out_scores = np.where(dropped, -np.inf, np.take_along_axis(scores, keep, 1)).astype(np.float32)
     if out_keys.shape[1] < k:
         pad = k - out_keys.shape[1]
         out_keys = np.pad(out_keys, ((0, 0), (0, pad)), constant_values=-1)

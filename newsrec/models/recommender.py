@@ -256,12 +256,15 @@ class NewsRecommender(nn.Module):
         """The wide parts present, in the order their blocks follow the deep part of a vector."""
         return [block for block in (self.category_lift, self.title_match) if block is not None]
 
+    def _deep_interests(self, user_vectors: Tensor) -> Tensor:
+        """User vectors ``[B, U]`` → their K deep parts ``[B, K, d]`` (a view)."""
+        return user_vectors[:, :self.interests * self.deep_dim].view(-1, self.interests, self.deep_dim)
+
     def interest_queries(self, user_vectors: Tensor) -> Tensor:
         """User vectors ``[B, U]`` → ``[B, K, D]``: interest k's deep part with the user's wide
         blocks, so that ``score`` = the maximum over k of a plain dot product with a news vector."""
-        b, k, d = user_vectors.shape[0], self.interests, self.deep_dim
-        deep = user_vectors[:, :k * d].view(b, k, d)
-        wide = user_vectors[:, None, k * d:].expand(b, k, self.news_dim - d)
+        deep = self._deep_interests(user_vectors)  # (B, K, d)
+        wide = user_vectors[:, None, deep.shape[1] * self.deep_dim:].expand(-1, deep.shape[1], -1)
         return torch.cat([deep, wide], dim=-1)
 
     def interest_overlap(self, user_vectors: Tensor) -> Tensor:
@@ -270,7 +273,7 @@ class NewsRecommender(nn.Module):
         k = self.interests
         if k == 1:
             return user_vectors.new_zeros(user_vectors.shape[0])
-        deep = nn.functional.normalize(user_vectors[:, :k * self.deep_dim].view(-1, k, self.deep_dim), dim=-1)
+        deep = nn.functional.normalize(self._deep_interests(user_vectors), dim=-1)
         cosines = deep @ deep.transpose(1, 2)  # (B, K, K), ones on the diagonal
         return (cosines.sum(dim=(1, 2)) - k) / (k * (k - 1))
 
